@@ -1,0 +1,44 @@
+# megalign: `make demo` and `make test` work on a fresh machine (they create .venv and install what they need).
+#   make demo    end-to-end demo on the shipped sample (CPU, a few minutes)
+#   make test    the test suite (CI runs this through .ci/run)
+#   make bench   benchmarks against their named baselines (figures go to docs/performance.md)
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.megalign-installed
+PYTEST_ARGS ?=
+
+.PHONY: demo test bench install clean
+
+install: $(STAMP)
+
+# A venv that sees the system's packages when the system Python already has torch (GPU users keep
+# their CUDA build); otherwise an isolated venv with the CPU build torch==2.13.0.
+$(STAMP): setup.py pyproject.toml csrc/helpers.cpp
+	@if [ ! -x "$(PY)" ]; then \
+	  if $(PYTHON) -c "import torch" >/dev/null 2>&1; then \
+	    echo "[make] system torch found: creating $(VENV) with --system-site-packages"; \
+	    $(PYTHON) -m venv --system-site-packages $(VENV); \
+	  else \
+	    $(PYTHON) -m venv $(VENV); \
+	  fi; \
+	fi
+	$(PY) -m pip install --quiet --upgrade pip setuptools wheel pybind11
+	@$(PY) -c "import torch" >/dev/null 2>&1 || { echo "[make] no torch importable: installing torch==2.13.0"; \
+	  $(PY) -m pip install --quiet torch==2.13.0; }
+	$(PY) -m pip install --quiet --no-build-isolation -e ".[dev,hf]"
+	@touch $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/megalign demo --workdir demo_output
+
+test: $(STAMP)
+	@set -o pipefail; $(PY) -m pytest -q $(PYTEST_ARGS); rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "[make] pytest collected no tests: failing"; exit 1; fi; exit $$rc
+
+bench: $(STAMP)
+	$(PY) benchmarks/run_all.py
+
+clean:
+	rm -rf build demo_output megalign/_helpers*.so *.egg-info
