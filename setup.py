@@ -78,7 +78,7 @@ setup(
             # Test-only baseline: interop and index-equality tests skip cleanly without it.
             "megatron-core==0.16.1",
         ],
-        "hf": ["transformers>=4.40", "safetensors>=0.4", "tokenizers>=0.15"],
+        "hf": ["transformers>=4.40", "safetensors>=0.4", "tokenizers>=0.15", "jinja2>=3"],
         # Optional GPU fast paths; never required, imported lazily (see docs/gpu.md once it exists).
         "gpu": ["flash-attn>=2.5", "transformer-engine>=1.8"],
     },
