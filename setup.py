@@ -4,6 +4,7 @@ The extension needs only pybind11 and a C++17 compiler at build time, never torc
 """
 from __future__ import annotations
 
+import glob
 import sys
 
 from setuptools import find_packages, setup
@@ -42,6 +43,7 @@ class BuildExtWithClearErrors(build_ext):
 helpers_extension = Extension(
     "megalign._helpers",
     sources=["csrc/helpers.cpp"],
+    depends=sorted(glob.glob("csrc/dataset_index/*.h")),
     include_dirs=[pybind11.get_include()],
     language="c++",
     extra_compile_args=["-O3", "-std=c++17", "-Wall", "-fvisibility=hidden"],
