@@ -71,6 +71,7 @@ setup(
         "safetensors>=0.4",
         "pyyaml>=6",
         "tqdm>=4.60",
+        "regex>=2023",  # exact fast path for byte-level BPE tokenization (megalign.data.fast_bpe)
     ],
     extras_require={
         "dev": [

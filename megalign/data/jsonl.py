@@ -31,6 +31,7 @@ BAD_RECORD_REASONS = ("invalid_utf8", "malformed_json", "not_an_object", "missin
 
 _UTF8_BOM = b"\xef\xbb\xbf"
 _MAX_EXAMPLES = 5
+_COUNT_BLOCK = 1 << 22
 
 
 def compression_of(path: str) -> Optional[str]:
@@ -78,21 +79,38 @@ def expand_inputs(patterns: Sequence[str]) -> List[str]:
 
 def open_binary(path: str) -> BinaryIO:
     """Open a plain, gzip (.gz) or zstandard (.zst/.zstd) file for buffered binary reading."""
-    kind = compression_of(path)
     try:
-        if kind == "gzip":
-            return gzip.open(path, "rb")  # type: ignore[return-value]
-        if kind == "zstd":
-            return io.BufferedReader(_ZstdReader(path), buffer_size=1 << 20)  # type: ignore[return-value]
-        return open(path, "rb", buffering=1 << 20)
+        source = open(path, "rb", buffering=1 << 20)
     except FileNotFoundError:
         raise DataFormatError(f"{path}: no such file") from None
     except IsADirectoryError:
         raise DataFormatError(f"{path}: is a directory, expected a JSONL file") from None
+    except OSError as error:
+        raise DataFormatError(f"{path}: cannot open ({error.strerror or error})") from None
+    if compression_of(path) is None:
+        return source
+    return decompressing_reader(source, path, close_source=True)
+
+
+def decompressing_reader(source: BinaryIO, path: str, close_source: bool = False) -> BinaryIO:
+    """Wrap an open binary file in the decompressor its name asks for (plain files: `source` itself).
+
+    With close_source=False the caller keeps `source` open and can follow its position (how much
+    of the file on disk has been consumed), e.g. for progress reports.
+    """
+    kind = compression_of(path)
+    if kind == "gzip":
+        reader = gzip.GzipFile(filename=path, mode="rb", fileobj=source)
+        if close_source:
+            reader.myfileobj = source  # GzipFile closes `myfileobj` on close()
+        return reader  # type: ignore[return-value]
+    if kind == "zstd":
+        return io.BufferedReader(_ZstdReader(source, close_source), buffer_size=1 << 20)  # type: ignore[return-value]
+    return source
 
 
 class _ZstdReader(io.RawIOBase):
-    """Raw reader of a (multi-frame) zstandard file that raises on a truncated last frame.
+    """Raw reader of a (multi-frame) zstandard stream that raises on a truncated last frame.
 
     zstandard's own stream_reader ends silently at a truncated frame; a corpus cut short must not
     pass for a complete one.
@@ -100,30 +118,33 @@ class _ZstdReader(io.RawIOBase):
 
     _CHUNK = 1 << 20
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, source: BinaryIO, close_source: bool) -> None:
         import zstandard
 
         self._zstd = zstandard
-        self._path = path
-        self._file = open(path, "rb")
+        self._file = source
+        self._close_source = close_source
         self._decompressor = zstandard.ZstdDecompressor().decompressobj()
-        self._pending = b""
+        self._pending = b""  # decompressed bytes not yet returned, from self._offset on
+        self._offset = 0
         self._frame_open = False
 
     def readable(self) -> bool:
         return True
 
     def readinto(self, buffer) -> int:  # type: ignore[override]
-        while not self._pending:
+        while not self._pending:  # (an empty feed happens mid-frame: read on)
             compressed = self._file.read(self._CHUNK)
             if not compressed:
                 if self._frame_open:
-                    raise EOFError("zstd stream ended inside a frame (the file is truncated)")
+                    raise EOFError("zstd stream ends inside a frame")
                 return 0
             self._pending = self._feed(compressed)
-        count = min(len(buffer), len(self._pending))
-        buffer[:count] = self._pending[:count]
-        self._pending = self._pending[count:]
+        count = min(len(buffer), len(self._pending) - self._offset)
+        buffer[:count] = self._pending[self._offset : self._offset + count]
+        self._offset += count
+        if self._offset == len(self._pending):
+            self._pending, self._offset = b"", 0
         return count
 
     def _feed(self, compressed: bytes) -> bytes:
@@ -139,7 +160,7 @@ class _ZstdReader(io.RawIOBase):
         return b"".join(output)
 
     def close(self) -> None:
-        if not self.closed:
+        if not self.closed and self._close_source:
             self._file.close()
         super().close()
 
@@ -149,23 +170,51 @@ def open_text(path: str) -> TextIO:
     return io.TextIOWrapper(open_binary(path), encoding="utf-8", errors="strict", newline="\n")
 
 
-def iter_lines(path: str) -> Iterator[Tuple[int, bytes]]:
+def iter_lines(path: str, source: Optional[BinaryIO] = None) -> Iterator[Tuple[int, bytes]]:
     """Yield (1-based line number, raw bytes of the line) for every line of a (compressed) file.
 
-    A corrupt or truncated compressed stream raises DataFormatError naming the file and the last
-    good line.
+    `source`, when given, is the file already opened in binary mode (the caller closes it, and may
+    follow its position). A corrupt or truncated compressed stream raises DataFormatError naming
+    the file and the last good line.
     """
     line_number = 0
     try:
-        with open_binary(path) as handle:
+        handle = open_binary(path) if source is None else decompressing_reader(source, path)
+        with handle:
             for line_number, raw in enumerate(handle, start=1):
                 yield line_number, raw
-    except (OSError, EOFError, zlib.error) as error:
+    except _STREAM_ERRORS as error:
         raise _corrupt_stream(path, line_number, error) from None
-    except Exception as error:  # zstandard.ZstdError does not derive from OSError
-        if type(error).__name__ == "ZstdError":
-            raise _corrupt_stream(path, line_number, error) from None
-        raise
+
+
+def count_lines(path: str) -> int:
+    """Number of lines of a (compressed) file, as iter_lines yields them, without parsing them."""
+    lines, last = 0, b"\n"
+    try:
+        with open_binary(path) as handle:
+            while True:
+                block = handle.read(_COUNT_BLOCK)
+                if not block:
+                    break
+                lines += block.count(b"\n")
+                last = block[-1:]
+    except _STREAM_ERRORS as error:
+        raise _corrupt_stream(path, lines, error) from None
+    return lines + (last != b"\n")
+
+
+def _stream_errors() -> Tuple[type, ...]:
+    errors: Tuple[type, ...] = (OSError, EOFError, zlib.error)
+    try:
+        import zstandard
+
+        errors += (zstandard.ZstdError,)
+    except ImportError:  # pragma: no cover - zstandard is a dependency
+        pass
+    return errors
+
+
+_STREAM_ERRORS = _stream_errors()
 
 
 def _corrupt_stream(path: str, line_number: int, error: BaseException) -> DataFormatError:
@@ -189,6 +238,20 @@ def is_blank(raw: bytes) -> bool:
     return not raw.strip()
 
 
+def _invalid_utf8_detail(raw: bytes, position: int) -> str:
+    """'invalid UTF-8 at byte N of the line', naming the key whose value holds it when that can be told."""
+    where = f"invalid UTF-8 at byte {position + 1} of the line"
+    try:
+        record = json.loads(raw.decode("utf-8", "surrogateescape"))
+    except json.JSONDecodeError:
+        return where
+    if isinstance(record, dict):
+        for key, value in record.items():
+            if isinstance(value, str) and any("\udc80" <= char <= "\udcff" for char in value):
+                return f"{where} (in the value of key '{key}')"
+    return where
+
+
 def parse_record(raw: bytes, json_keys: Sequence[str] = ("text",)) -> dict:
     """Decode one JSONL line and check that every key in `json_keys` holds a string.
 
@@ -199,11 +262,11 @@ def parse_record(raw: bytes, json_keys: Sequence[str] = ("text",)) -> dict:
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as error:
-        raise RecordProblem("invalid_utf8", f"invalid UTF-8 at byte {error.start} of the line") from None
+        raise RecordProblem("invalid_utf8", _invalid_utf8_detail(raw, error.start)) from None
     try:
         record = json.loads(text)
     except json.JSONDecodeError as error:
-        raise RecordProblem("malformed_json", f"malformed JSON ({error.msg} at column {error.colno})") from None
+        raise RecordProblem("malformed_json", f"malformed JSON: {error.msg} (character {error.pos + 1})") from None
     if not isinstance(record, dict):
         raise RecordProblem("not_an_object", f"expected a JSON object, got {type(record).__name__}")
     for key in json_keys:
@@ -213,6 +276,15 @@ def parse_record(raw: bytes, json_keys: Sequence[str] = ("text",)) -> dict:
         if not isinstance(record[key], str):
             kind = "null" if record[key] is None else type(record[key]).__name__
             raise RecordProblem("non_string_value", f"key '{key}' holds {kind}, expected a string")
+    if b"\\ud" in raw or b"\\uD" in raw:  # a JSON escape of a lone UTF-16 surrogate is no Unicode text
+        for key in json_keys:
+            try:
+                record[key].encode("utf-8")
+            except UnicodeEncodeError as error:
+                code = ord(record[key][error.start])
+                raise RecordProblem(
+                    "invalid_utf8", f"key '{key}' holds an unpaired surrogate escape (\\u{code:04x}), not valid text"
+                ) from None
     return record
 
 

@@ -1,0 +1,29 @@
+"""`megalign demo` as a user runs it (the `make demo` path), on the shipped sample."""
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+
+def test_demo_runs_end_to_end(tmp_path: Path, repo_root: Path) -> None:
+    workdir = tmp_path / "demo"
+    result = subprocess.run(
+        [sys.executable, "-m", "megalign.cli", "demo", "--workdir", str(workdir)],
+        cwd=repo_root, capture_output=True, text=True, timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = result.stdout
+    for step in ("1. Train a tokenizer", "2. Split the corpus", "3. Merge", "4. Blended GPT datasets", "demo finished"):
+        assert step in out
+    assert (workdir / "tokenizer" / "tokenizer.model").is_file()
+    for name in ("arabic_text_document", "english_text_document", "all_text_document"):
+        assert (workdir / "data" / f"{name}.bin").is_file() and (workdir / "data" / f"{name}.idx").is_file()
+    assert "train[0]: 128 tokens" in out
+
+    from megalign.data.indexed_dataset import IndexedDataset
+
+    merged = IndexedDataset(str(workdir / "data" / "all_text_document"))
+    parts = [IndexedDataset(str(workdir / "data" / f"{n}_text_document")) for n in ("arabic", "english")]
+    assert merged.num_documents == sum(p.num_documents for p in parts) == 400
+    assert merged.num_tokens == sum(p.num_tokens for p in parts)

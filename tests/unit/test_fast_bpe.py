@@ -1,0 +1,104 @@
+"""fast_bpe: the same ids as Hugging Face `tokenizers` for byte-level BPE, None where it cannot promise that."""
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+from typing import List
+
+import pytest
+from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+
+import megalign.data.fast_bpe as fast_bpe
+from megalign.data.fast_bpe import byte_level_bpe_encoder
+
+TRICKY = [
+    "", " ", "\n\n\n", "  leading", "trailing   ", "tabs\t\tx", "crlf\r\nline\r\rcr",
+    "emoji 🙂👩‍👩‍👧 and flags 🇸🇦🇪🇬", "combining é é ً ٌ ٍ ﷺ ﷽ ﻻ", "nbsp\u00a0thin\u2009zw\u200b\u200c\u200d",
+    "digits ١٢٣٤٥ ۱۲۳ 12345678", "ጤና ይስጥልኝ 中文字符 𝔘𝔫𝔦𝔠𝔬𝔡𝔢 𝟙𝟚", "x\x00y\x7f",
+    "'S 'll 'LL I'M don't", "<|eot_id|>inside<|begin_of_text|><|eot", "a<|pad|>b<|pad|<|end_of_text|>",
+    "نص مختلط: Megatron-LM يدرّب النماذج على 8 وحدات GPU في آنٍ واحد.",
+]
+
+
+def random_texts(count: int, seed: int = 7) -> List[str]:
+    rng = random.Random(seed)
+    alphabet = [chr(rng.randint(32, 0x2FFFF)) for _ in range(5000)]
+    alphabet = [c for c in alphabet if not 0xD800 <= ord(c) < 0xE000] + [" ", "\n", "'", "s", "<|", "|>"]
+    return ["".join(rng.choice(alphabet) for _ in range(rng.randint(0, 120))) for _ in range(count)]
+
+
+def assert_same_ids(path: Path, texts: List[str]) -> None:
+    reference = Tokenizer.from_file(str(path))
+    encoder = byte_level_bpe_encoder(str(path))
+    assert encoder is not None
+    expected = [reference.encode(text, add_special_tokens=False).ids for text in texts]
+    assert encoder.encode_batch(texts) == expected
+
+
+def test_same_ids_as_tokenizers_llama3_style(hf_bpe_tokenizer: Path, sample_corpus: Path) -> None:
+    texts = [json.loads(line)["text"] for line in sample_corpus.read_text(encoding="utf-8").splitlines()]
+    assert_same_ids(hf_bpe_tokenizer, TRICKY + random_texts(300) + texts)
+    assert byte_level_bpe_encoder(str(hf_bpe_tokenizer.parent)) is not None  # a folder holding tokenizer.json
+
+
+def test_same_ids_after_the_cache_is_cleared(hf_bpe_tokenizer: Path, sample_corpus: Path,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(fast_bpe, "_CACHE_LIMIT", 50)
+    texts = [json.loads(line)["text"] for line in sample_corpus.read_text(encoding="utf-8").splitlines()[:60]]
+    assert_same_ids(hf_bpe_tokenizer, texts * 2)
+
+
+@pytest.fixture(scope="module")
+def gpt2_style_tokenizer(tmp_path_factory: pytest.TempPathFactory, sample_corpus: Path) -> Path:
+    """A GPT-2 style tokenizer: ByteLevel(use_regex=True) pre-tokenizer, one special token."""
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=600, special_tokens=["<|endoftext|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    texts = [json.loads(line)["text"] for line in sample_corpus.read_text(encoding="utf-8").splitlines()]
+    tokenizer.train_from_iterator(texts, trainer)
+    path = tmp_path_factory.mktemp("gpt2_style") / "tokenizer.json"
+    tokenizer.save(str(path))
+    return path
+
+
+def test_same_ids_gpt2_style(gpt2_style_tokenizer: Path) -> None:
+    assert_same_ids(gpt2_style_tokenizer, TRICKY + ["x<|endoftext|>y"] + random_texts(200, seed=3))
+
+
+def edited(path: Path, tmp_path: Path, change) -> str:
+    config = json.loads(path.read_text(encoding="utf-8"))
+    change(config)
+    target = tmp_path / "tokenizer.json"
+    target.write_text(json.dumps(config), encoding="utf-8")
+    return str(target)
+
+
+@pytest.mark.parametrize("case", ["normalizer", "truncation", "dropout", "lstrip", "prefix_space", "wordpiece"])
+def test_not_applicable_returns_none(hf_bpe_tokenizer: Path, gpt2_style_tokenizer: Path, tmp_path: Path,
+                                     case: str) -> None:
+    changes = {
+        "normalizer": lambda c: c.update(normalizer={"type": "NFKC"}),
+        "truncation": lambda c: c.update(truncation={"direction": "Right", "max_length": 8, "strategy": "LongestFirst",
+                                                     "stride": 0}),
+        "dropout": lambda c: c["model"].update(dropout=0.1),
+        "lstrip": lambda c: c["added_tokens"][0].update(lstrip=True),
+        "prefix_space": lambda c: c["pre_tokenizer"]["pretokenizers"][1].update(add_prefix_space=True),
+    }
+    if case == "wordpiece":
+        tokenizer = Tokenizer(models.WordPiece({"[UNK]": 0, "a": 1}, unk_token="[UNK]"))
+        tokenizer.normalizer = normalizers.Lowercase()
+        path = str(tmp_path / "wordpiece.json")
+        tokenizer.save(path)
+    else:
+        path = edited(hf_bpe_tokenizer, tmp_path, changes[case])
+        Tokenizer.from_file(path)  # still a valid tokenizer.json
+    assert byte_level_bpe_encoder(path) is None
+
+
+def test_missing_or_broken_file_returns_none(tmp_path: Path) -> None:
+    assert byte_level_bpe_encoder(str(tmp_path / "absent.json")) is None
+    (tmp_path / "broken.json").write_text("{not json")
+    assert byte_level_bpe_encoder(str(tmp_path / "broken.json")) is None
