@@ -1,4 +1,4 @@
-"""The `megalign` command: one subcommand per pipeline step (see DESIGN.md, "Command line").
+"""The `megalign` command: one subcommand per pipeline step (see README.md, "Command line").
 
 Each subcommand lives in its own module exposing `add_arguments(parser)` and `main(args) -> int`;
 tools/*.py call `run_command` with the same flags. Heavy imports (torch, transformers) stay inside
