@@ -29,7 +29,6 @@ from megalign.data.preprocess_parallel import (
     MAX_EXAMPLES,
     Job,
     UnitResult,
-    batch_encoder,
     location_of,
     part_prefix,
     run_units,
@@ -171,10 +170,6 @@ def preprocess(
     paths = expand_inputs(inputs)
     tokenizer = build_tokenizer(tokenizer_type, tokenizer_model, vocab_size=vocab_size)
     dtype = best_token_dtype(tokenizer.vocab_size)
-    fast_path = batch_encoder(tokenizer) != tokenizer.encode_batch
-    described = f"{tokenizer_type}, vocab {tokenizer.vocab_size}"
-    if fast_path:
-        described += " (exact byte-level BPE fast path)"
     out_dir = os.path.dirname(os.path.abspath(output_prefix))
     os.makedirs(out_dir, exist_ok=True)
     work_dir = tempfile.mkdtemp(prefix=f".{os.path.basename(output_prefix)}.preprocess-", dir=out_dir)
@@ -201,7 +196,8 @@ def preprocess(
         seconds=time.monotonic() - started,
         dtype=dtype.name,
         skipped=skipped,
-        tokenizer=described,
+        tokenizer=f"{tokenizer_type}, vocab {tokenizer.vocab_size}"
+                  + (" (exact byte-level BPE fast path)" if any(result.fast_path for result in results) else ""),
     )
 
 

@@ -154,6 +154,7 @@ class UnitResult:
     bad_counts: Dict[str, int] = field(default_factory=dict)
     bad_examples: List[BadLine] = field(default_factory=list)
     fatal: Optional[BadLine] = None
+    fast_path: bool = False  # tokenized by megalign.data.fast_bpe rather than the tokenizer's encode_batch
 
 
 def part_prefix(work_dir: str, index: int, key: str) -> str:
@@ -230,12 +231,14 @@ class _UnitProcessor:
         self.report = report
         self.tokenizer: Tokenizer = build_tokenizer(job.tokenizer_type, job.tokenizer_model, vocab_size=job.vocab_size)
         self.encode_batch = batch_encoder(self.tokenizer)
+        self.fast_path = self.encode_batch != self.tokenizer.encode_batch
         self.dtype = numpy.dtype(job.dtype)
 
     def run(self, unit: WorkUnit) -> UnitResult:
         """Tokenize one unit into its partial datasets (one per key); stop at a bad line unless skipping."""
         job = self.job
-        result = UnitResult(unit.index, tokens=dict.fromkeys(job.json_keys, 0), empty=dict.fromkeys(job.json_keys, 0))
+        result = UnitResult(unit.index, tokens=dict.fromkeys(job.json_keys, 0), empty=dict.fromkeys(job.json_keys, 0),
+                            fast_path=self.fast_path)
         builders = {key: IndexedDatasetBuilder(part_prefix(job.work_dir, unit.index, key), self.dtype)
                     for key in job.json_keys}
         reader = _UnitReader(unit)

@@ -28,6 +28,37 @@ def random_texts(count: int, seed: int = 7) -> List[str]:
     return ["".join(rng.choice(alphabet) for _ in range(rng.randint(0, 120))) for _ in range(count)]
 
 
+def spacey_texts(count: int, seed: int = 11) -> List[str]:
+    """Texts dense in the cases the space cut must get right: runs of spaces, spaces next to other
+    whitespace, to punctuation, digits, contractions and added tokens, at both ends."""
+    rng = random.Random(seed)
+    atoms = [" ", " ", " ", "  ", "\n", "\t", "\r\n", "\u00a0", "\u3000", "\x1c", "\x85", "كتب", "word", "ال",
+             "١٢٣٤", "12345", ".", "،", "!?", "'s", "'LL", "🙂", "é", "<|pad|>", "<|endoftext|>", "\u200b"]
+    return ["".join(rng.choice(atoms) for _ in range(rng.randint(0, 40))) for _ in range(count)]
+
+
+def test_isspace_covers_the_patterns_whitespace() -> None:
+    """The space cut treats str.isspace characters as whitespace: it must cover every \\s match."""
+    regex = pytest.importorskip("regex")
+    whitespace = regex.compile(r"\s")
+    missed = [hex(code) for code in range(0x110000)
+              if not 0xD800 <= code < 0xE000 and whitespace.match(chr(code)) and not chr(code).isspace()]
+    assert missed == []
+
+
+def test_space_cut_only_for_known_patterns(hf_bpe_tokenizer: Path, tmp_path: Path) -> None:
+    encoder = byte_level_bpe_encoder(str(hf_bpe_tokenizer))
+    assert encoder is not None and encoder._word_cache is not None
+    encoder.encode("كتب الطالب الدرس. كتب الطالب")
+    assert "الطالب" in encoder._word_cache and "الدرس." in encoder._word_cache  # memoized " " + word
+    other = fast_bpe.LLAMA3_PATTERN.replace(r"\p{N}{1,3}", r"\p{N}{1,2}")
+    path = edited(hf_bpe_tokenizer, tmp_path,
+                  lambda c: c["pre_tokenizer"]["pretokenizers"][0]["pattern"].update(Regex=other))
+    encoder = byte_level_bpe_encoder(path)
+    assert encoder is not None and encoder._word_cache is None  # an unknown pattern: regex split only
+    assert_same_ids(Path(path), TRICKY + spacey_texts(100))
+
+
 def assert_same_ids(path: Path, texts: List[str]) -> None:
     reference = Tokenizer.from_file(str(path))
     encoder = byte_level_bpe_encoder(str(path))
@@ -38,7 +69,7 @@ def assert_same_ids(path: Path, texts: List[str]) -> None:
 
 def test_same_ids_as_tokenizers_llama3_style(hf_bpe_tokenizer: Path, sample_corpus: Path) -> None:
     texts = [json.loads(line)["text"] for line in sample_corpus.read_text(encoding="utf-8").splitlines()]
-    assert_same_ids(hf_bpe_tokenizer, TRICKY + random_texts(300) + texts)
+    assert_same_ids(hf_bpe_tokenizer, TRICKY + random_texts(300) + spacey_texts(400) + texts)
     assert byte_level_bpe_encoder(str(hf_bpe_tokenizer.parent)) is not None  # a folder holding tokenizer.json
 
 
@@ -46,7 +77,7 @@ def test_same_ids_after_the_cache_is_cleared(hf_bpe_tokenizer: Path, sample_corp
                                              monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(fast_bpe, "_CACHE_LIMIT", 50)
     texts = [json.loads(line)["text"] for line in sample_corpus.read_text(encoding="utf-8").splitlines()[:60]]
-    assert_same_ids(hf_bpe_tokenizer, texts * 2)
+    assert_same_ids(hf_bpe_tokenizer, texts * 2 + spacey_texts(100) * 2)
 
 
 @pytest.fixture(scope="module")
@@ -65,7 +96,7 @@ def gpt2_style_tokenizer(tmp_path_factory: pytest.TempPathFactory, sample_corpus
 
 
 def test_same_ids_gpt2_style(gpt2_style_tokenizer: Path) -> None:
-    assert_same_ids(gpt2_style_tokenizer, TRICKY + ["x<|endoftext|>y"] + random_texts(200, seed=3))
+    assert_same_ids(gpt2_style_tokenizer, TRICKY + ["x<|endoftext|>y"] + random_texts(200, seed=3) + spacey_texts(400))
 
 
 def edited(path: Path, tmp_path: Path, change) -> str:
