@@ -15,7 +15,7 @@ install: $(STAMP)
 
 # A venv that sees the system's packages when the system Python already has torch (GPU users keep
 # their CUDA build); otherwise an isolated venv with the CPU build torch==2.13.0.
-$(STAMP): setup.py pyproject.toml csrc/helpers.cpp $(wildcard csrc/dataset_index/*.h)
+$(STAMP): setup.py pyproject.toml csrc/helpers.cpp $(wildcard csrc/dataset_index/*.h) $(wildcard csrc/bpe/*.h)
 	@if [ ! -x "$(PY)" ]; then \
 	  if $(PYTHON) -c "import torch" >/dev/null 2>&1; then \
 	    echo "[make] system torch found: creating $(VENV) with --system-site-packages"; \

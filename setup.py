@@ -43,7 +43,7 @@ class BuildExtWithClearErrors(build_ext):
 helpers_extension = Extension(
     "megalign._helpers",
     sources=["csrc/helpers.cpp"],
-    depends=sorted(glob.glob("csrc/dataset_index/*.h")),
+    depends=sorted(glob.glob("csrc/dataset_index/*.h") + glob.glob("csrc/bpe/*.h")),
     include_dirs=[pybind11.get_include()],
     language="c++",
     extra_compile_args=["-O3", "-std=c++17", "-Wall", "-fvisibility=hidden"],

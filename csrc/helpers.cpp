@@ -7,11 +7,14 @@
 //   * build_gpt_indices  all three GPT indices in one call, the GIL released
 //   * SampleReader       one GPT sample (tokens, labels, loss mask, position ids) per call, read
 //                        straight from the memory-mapped .bin into the output arrays
+//   * ByteLevelBPE       byte-level BPE with piece and word caches (csrc/bpe/), driven by
+//                        megalign/data/fast_bpe.py, which keeps the regex pre-tokenization
 // The Python wrappers in megalign/data/index_helpers.py validate arguments; this file trusts dtypes
 // and shapes but bounds-checks every value it reads from index arrays, so a corrupt cache raises
 // instead of reading out of bounds.
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
 
 #include <algorithm>
 #include <cstdint>
@@ -19,10 +22,14 @@
 #include <limits>
 #include <stdexcept>
 #include <string>
+#include <string_view>
+#include <type_traits>
+#include <unordered_map>
 #include <thread>
 #include <utility>
 #include <vector>
 
+#include "bpe/byte_level_bpe.h"
 #include "dataset_index/blending.h"
 #include "dataset_index/gpt_indices.h"
 #include "dataset_index/legacy_random.h"
@@ -428,6 +435,156 @@ class SampleReader {
   bool pad_in_data_ = true;    // whether the pad id is a value the token dtype can hold
 };
 
+// UTF-8 bytes of a Python str, owned by the str (valid while it lives).
+std::string_view utf8_view(py::handle text) {
+  if (!PyUnicode_Check(text.ptr())) throw py::type_error("ByteLevelBPE: expected str");
+  Py_ssize_t size = 0;
+  const char* data = PyUnicode_AsUTF8AndSize(text.ptr(), &size);
+  if (data == nullptr) throw py::error_already_set();
+  return {data, static_cast<size_t>(size)};
+}
+
+// megalign::bpe::SpaceCutEncoder for Python: str in, lists of int out; the regex split is a callback.
+class ByteLevelBPEBinding {
+ public:
+  // vocab and merges as in tokenizer.json's BPE model (merges "a b" strings or [a, b] pairs);
+  // alphabet[b]: the byte-level character of byte b.
+  ByteLevelBPEBinding(const py::dict& vocab, const py::list& merges, bool ignore_merges,
+                      const std::vector<uint32_t>& alphabet, const std::vector<uint32_t>& whitespace,
+                      size_t cache_limit)
+      : encoder_(make_model(vocab, merges, ignore_merges, alphabet), whitespace, cache_limit) {
+    int64_t largest = 0;
+    for (const auto& item : vocab) largest = std::max(largest, item.second.cast<int64_t>());
+    ints_.reserve(static_cast<size_t>(largest) + 1);
+    for (int64_t id = 0; id <= largest; ++id) ints_.push_back(py::int_(id));
+  }
+
+  // The ids of each piece (a list of tuples); pieces are cached.
+  py::list encode_pieces(const py::list& pieces) {
+    std::vector<std::string_view> views;
+    views.reserve(pieces.size());
+    for (py::handle piece : pieces) views.push_back(utf8_view(piece));
+    std::vector<int32_t> ids;
+    std::vector<size_t> ends;
+    encoder_.encode_pieces(views, ids, &ends);
+    py::list out(views.size());
+    size_t begin = 0;
+    for (size_t i = 0; i < ends.size(); ++i) {
+      out[i] = to_python<py::tuple>(ids.data() + begin, ends[i] - begin);
+      begin = ends[i];
+    }
+    return out;
+  }
+
+  // The ids of each segment (a list of lists); split(list of str) must return each string's pieces.
+  py::list encode_segments(const py::list& segments, const py::function& split) {
+    std::vector<std::string_view> views;
+    views.reserve(segments.size());
+    for (py::handle segment : segments) views.push_back(utf8_view(segment));
+    megalign::bpe::SpaceCutEncoder::Batch batch;
+    {
+      py::gil_scoped_release release;
+      batch = encoder_.plan(views);
+    }
+    py::list texts(batch.texts().size());
+    for (size_t i = 0; i < batch.texts().size(); ++i) {
+      const std::string& text = batch.texts()[i];
+      PyObject* decoded = PyUnicode_DecodeUTF8(text.data(), static_cast<Py_ssize_t>(text.size()), "strict");
+      if (decoded == nullptr) throw py::error_already_set();
+      texts[i] = py::reinterpret_steal<py::str>(decoded);
+    }
+    const py::list split_texts = split(texts);
+    if (split_texts.size() != batch.texts().size()) throw std::invalid_argument("split returned the wrong count");
+    std::vector<std::vector<std::string_view>> pieces(split_texts.size());
+    for (size_t i = 0; i < pieces.size(); ++i)
+      for (py::handle piece : split_texts[i].cast<py::list>()) pieces[i].push_back(utf8_view(piece));
+    std::vector<int32_t> ids;
+    std::vector<size_t> offsets;
+    {
+      py::gil_scoped_release release;
+      encoder_.finish(batch, pieces, ids, offsets);
+    }
+    py::list out(views.size());
+    for (size_t i = 0; i < views.size(); ++i)
+      out[i] = to_python<py::list>(ids.data() + offsets[i], offsets[i + 1] - offsets[i]);
+    return out;
+  }
+
+  size_t cached_words() const { return encoder_.cached_words(); }
+  size_t cached_pieces() const { return encoder_.cached_pieces(); }
+  bool has_word(const std::string& word) const { return encoder_.has_word(word); }
+
+ private:
+  static megalign::bpe::BytePairModel make_model(const py::dict& vocab, const py::list& merges, bool ignore_merges,
+                                                 const std::vector<uint32_t>& alphabet) {
+    if (alphabet.size() != 256) throw std::invalid_argument("ByteLevelBPE: the alphabet needs 256 characters");
+    std::unordered_map<uint32_t, char> to_byte;
+    for (size_t byte = 0; byte < 256; ++byte) to_byte[alphabet[byte]] = static_cast<char>(byte);
+    // A token's bytes; false for characters outside the alphabet (such a token never matches a piece).
+    const auto to_bytes = [&](py::handle token, std::string& out) {
+      const std::string_view text = utf8_view(token);
+      out.clear();
+      for (size_t at = 0; at < text.size();) {
+        const size_t length = megalign::bpe::utf8_length(static_cast<unsigned char>(text[at]));
+        const auto it = to_byte.find(megalign::bpe::decode_utf8(text, at));
+        if (it == to_byte.end()) return false;
+        out.push_back(it->second);
+        at += length;
+      }
+      return true;
+    };
+    std::vector<std::pair<std::string, int32_t>> tokens;
+    tokens.reserve(vocab.size());
+    std::string bytes;
+    for (const auto& item : vocab) {
+      const int64_t id = item.second.cast<int64_t>();
+      if (id < 0 || id > std::numeric_limits<int32_t>::max()) throw std::invalid_argument("ByteLevelBPE: bad token id");
+      if (to_bytes(item.first, bytes)) tokens.emplace_back(bytes, static_cast<int32_t>(id));
+    }
+    std::vector<megalign::bpe::BytePairModel::Merge> converted;
+    converted.reserve(merges.size());
+    std::string left, right;
+    uint32_t rank = 0;
+    for (py::handle merge : merges) {
+      bool usable;
+      if (PyUnicode_Check(merge.ptr())) {
+        const std::string_view text = utf8_view(merge);
+        const size_t space = text.find(' ');
+        if (space == std::string_view::npos || text.find(' ', space + 1) != std::string_view::npos)
+          throw std::invalid_argument("ByteLevelBPE: a merge is not two tokens separated by one space");
+        const py::str first(text.data(), space), second(text.data() + space + 1, text.size() - space - 1);
+        usable = to_bytes(first, left) && to_bytes(second, right);
+      } else {
+        const py::sequence pair = py::reinterpret_borrow<py::sequence>(merge);
+        if (pair.size() != 2) throw std::invalid_argument("ByteLevelBPE: a merge is not a pair of tokens");
+        usable = to_bytes(pair[0], left) && to_bytes(pair[1], right);
+      }
+      if (usable) converted.push_back({left, right, rank});
+      ++rank;
+    }
+    return megalign::bpe::BytePairModel(tokens, converted, ignore_merges);
+  }
+
+  // A list or tuple of Python ints, shared from ints_ (ids are vocabulary ids, so in range).
+  template <typename Sequence>
+  Sequence to_python(const int32_t* ids, size_t count) const {
+    Sequence out(count);
+    PyObject* raw = out.ptr();
+    for (size_t k = 0; k < count; ++k) {
+      PyObject* item = ints_.at(static_cast<size_t>(ids[k])).ptr();
+      Py_INCREF(item);
+      if constexpr (std::is_same_v<Sequence, py::list>)
+        PyList_SET_ITEM(raw, static_cast<Py_ssize_t>(k), item);
+      else
+        PyTuple_SET_ITEM(raw, static_cast<Py_ssize_t>(k), item);
+    }
+    return out;
+  }
+
+  megalign::bpe::SpaceCutEncoder encoder_;
+  std::vector<py::int_> ints_;
+};
+
 }  // namespace
 
 PYBIND11_MODULE(_helpers, m) {
@@ -490,4 +647,23 @@ PYBIND11_MODULE(_helpers, m) {
       .def("__len__", &SampleReader::size)
       .def("read", &SampleReader::read, py::arg("idx"),
            "(tokens, labels, loss_mask, position_ids, segment_ids or None) of sample idx");
+
+  py::class_<ByteLevelBPEBinding>(m, "ByteLevelBPE",
+                                  "Byte-level BPE (tokenizers' merge order) with piece and space-cut word caches")
+      .def(py::init<const py::dict&, const py::list&, bool, const std::vector<uint32_t>&, const std::vector<uint32_t>&,
+                    size_t>(),
+           py::arg("vocab"), py::arg("merges"), py::arg("ignore_merges"), py::arg("alphabet"), py::arg("whitespace"),
+           py::arg("cache_limit"),
+           "vocab and merges of a tokenizer.json BPE model; alphabet: the byte-level character (code point) of each "
+           "byte; whitespace: str.isspace code points; the caches are cleared at the start of a call once they hold "
+           "more than cache_limit entries")
+      .def("encode_pieces", &ByteLevelBPEBinding::encode_pieces, py::arg("pieces"),
+           "A tuple of ids for each pre-tokenized piece (str)")
+      .def("encode_segments", &ByteLevelBPEBinding::encode_segments, py::arg("segments"), py::arg("split"),
+           "A list of ids for each segment (str without added tokens), for the GPT-2 / Llama-3 patterns; "
+           "split(list of str) returns each string's pre-tokenizer pieces")
+      .def_property_readonly("cached_words", &ByteLevelBPEBinding::cached_words)
+      .def_property_readonly("cached_pieces", &ByteLevelBPEBinding::cached_pieces)
+      .def("has_word", &ByteLevelBPEBinding::has_word, py::arg("word"),
+           "Whether the word cache holds `word` (UTF-8 bytes or str)");
 }

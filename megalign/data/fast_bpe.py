@@ -4,9 +4,12 @@
 pre-tokenizer's regex, map each piece's UTF-8 bytes to byte-level characters, and run BPE on each
 piece on its own. The regex step (Oniguruma, in Rust) is the slow part (~3.5 MB/s on Arabic news);
 BPE of a piece never depends on its neighbours. ByteLevelBPEEncoder keeps the same four steps but
-splits with the `regex` module and memoizes piece -> ids, asking the tokenizer's own BPE model for
-pieces it has not seen: same ids as `Tokenizer.encode(text, add_special_tokens=False)`, ~2.5x faster on a
-cold cache and ~7x warm (one core, Arabic news).
+splits with the `regex` module and memoizes piece -> ids: same ids as
+`Tokenizer.encode(text, add_special_tokens=False)`. BPE itself runs in C++ (megalign._helpers.ByteLevelBPE,
+csrc/bpe/byte_level_bpe.h: tokenizers' merge order, ignore_merges honoured) built from the
+tokenizer.json vocabulary and merges, for plain byte-level models (no subword prefix or word
+suffix, no byte fallback, every byte a token); otherwise the tokenizer's own BPE model is asked
+for unseen pieces through its Python binding (slower, same ids).
 
 For the GPT-2 and Llama-3 patterns (SPACE_CUT_PATTERNS) it skips most regex work. These patterns
 match every character (no gaps), no match holds a non-whitespace character followed by a space,
@@ -14,9 +17,11 @@ nothing looks behind, and their one lookahead, (?!\\S), succeeds alike before a 
 of a text. So a text cut before every single space with non-whitespace on both sides splits into
 the same pieces chunk by chunk. The encoder cuts with str.split(" ") and memoizes clean words (no
 whitespace at either end) -> ids of " " + word; only words it has not seen (all of a text's new
-words in one regex call) and words next to other whitespace go through the regex. Cached ids are
-tuples of ints, which the cyclic garbage collector stops tracking (large caches of lists made it
-rescan them over and over).
+words in one regex call) and words next to other whitespace go through the regex. With the C++
+model this whole loop is one C++ call per batch (ByteLevelBPE.encode_segments: ~20 MB/s cold and
+~80 MB/s warm on one core, Arabic news), which calls back once for the regex split of what it has
+not seen; in Python, cached ids are tuples of ints, which the cyclic garbage collector stops
+tracking (large caches of lists made it rescan them over and over).
 
 `byte_level_bpe_encoder(path)` returns None whenever a tokenizer.json does something this module
 does not reproduce (a normalizer, another pre-tokenizer, BPE dropout, truncation or padding, added
@@ -27,6 +32,7 @@ in pre-training corpora and still tokenizes validly, but not necessarily identic
 """
 from __future__ import annotations
 
+import functools
 import itertools
 import json
 import operator
@@ -94,10 +100,11 @@ def _post_processor_is_neutral(processor: Optional[dict]) -> bool:
 class ByteLevelBPEEncoder:
     """Encodes like a byte-level BPE tokenizer.json, with a piece cache and the `regex` module."""
 
-    def __init__(self, tokenizer, pattern: str, added_tokens: Sequence[dict]) -> None:
+    def __init__(self, tokenizer, pattern: str, added_tokens: Sequence[dict], native=None) -> None:
         import regex
 
-        self._model = tokenizer.model
+        self._model = None if tokenizer is None else tokenizer.model  # used only without `native`
+        self._native = native  # a megalign._helpers.ByteLevelBPE for the same model, or None
         self._pattern = regex.compile(pattern)
         self._to_byte_level = str.maketrans({chr(byte): char for byte, char in _byte_level_alphabet().items()})
         # tokenizers matches added tokens in two passes (not normalized, then normalized), each
@@ -111,7 +118,20 @@ class ByteLevelBPEEncoder:
             if contents:
                 self._added_passes.append(regex.compile("|".join(regex.escape(text) for text in contents)))
         self._cache: Dict[str, Tuple[int, ...]] = {}
-        self._word_cache: Optional[Dict[str, Tuple[int, ...]]] = {} if pattern in SPACE_CUT_PATTERNS else None
+        #: Whether texts are cut before single spaces and whole words memoized (see the module docstring).
+        self.space_cut = pattern in SPACE_CUT_PATTERNS
+        self._word_cache: Optional[Dict[str, Tuple[int, ...]]] = {} if self.space_cut and native is None else None
+
+    @property
+    def native(self) -> bool:
+        """Whether BPE and the caches run in C++ (megalign._helpers.ByteLevelBPE)."""
+        return self._native is not None
+
+    def knows_word(self, word: str) -> bool:
+        """Whether the word cache holds `word` (memoized as the ids of " " + word)."""
+        if self._native is not None:
+            return self.space_cut and self._native.has_word(word)
+        return self._word_cache is not None and word in self._word_cache
 
     def _segments(self, text: str) -> List[Tuple[str, bool]]:
         """`text` cut into (segment, is_added_token) pieces."""
@@ -156,6 +176,9 @@ class ByteLevelBPEEncoder:
             if len(cache) + len(missing) > _CACHE_LIMIT:
                 cache.clear()
                 missing = list(dict.fromkeys(pieces))
+            if self._native is not None:
+                cache.update(zip(missing, self._native.encode_pieces(missing)))
+                return [cache[piece] for piece in pieces]
             # Map all pieces to byte-level characters at once (one character per UTF-8 byte), cut them
             # apart again by their byte lengths and run the model on each (C-level iterators).
             encoded = list(map(str.encode, missing))
@@ -235,8 +258,34 @@ class ByteLevelBPEEncoder:
         else:
             self._encode_pieces(segment, ids)
 
+    def _split_all(self, texts: List[str]) -> List[List[str]]:
+        """The pre-tokenizer pieces of each text (the callback of the C++ space-cut encoder)."""
+        return list(map(self._pieces, texts))
+
+    def _encode_batch_native(self, texts: Sequence[str]) -> List[List[int]]:
+        """encode_batch with the C++ space-cut encoder: one call per batch; added tokens cut out here."""
+        texts = list(texts)
+        first_chars = self._added_first_chars
+        if not any(char in text for text in texts for char in first_chars):
+            return self._native.encode_segments(texts, self._split_all)
+        plans = [self._segments(text) for text in texts]
+        segment_ids = iter(self._native.encode_segments(
+            [segment for plan in plans for segment, is_added in plan if not is_added], self._split_all))
+        results = []
+        for plan in plans:
+            ids: List[int] = []
+            for segment, is_added in plan:
+                if is_added:
+                    ids.append(self._added_ids[segment])
+                else:
+                    ids.extend(next(segment_ids))
+            results.append(ids)
+        return results
+
     def encode(self, text: str) -> List[int]:
         """Token ids of `text`, equal to tokenizers' encode(text, add_special_tokens=False).ids."""
+        if self._native is not None and self.space_cut:
+            return self._encode_batch_native([text])[0]
         ids: List[int] = []
         if not any(char in text for char in self._added_first_chars):
             self._encode_segment(text, ids)
@@ -250,19 +299,74 @@ class ByteLevelBPEEncoder:
 
     def encode_batch(self, texts: Sequence[str]) -> List[List[int]]:
         """encode() of each text."""
+        if self._native is not None and self.space_cut:
+            return self._encode_batch_native(texts)
         return [self.encode(text) for text in texts]
 
 
-def byte_level_bpe_encoder(model_path: str) -> Optional[ByteLevelBPEEncoder]:
-    """A ByteLevelBPEEncoder for a tokenizer.json (or a folder holding one), or None if not applicable."""
+@functools.lru_cache(maxsize=1)
+def _whitespace_code_points() -> List[int]:
+    """The code points str.isspace accepts (the space cut's notion of whitespace).
+
+    All of Unicode is decoded into one string and cut with str.split(), which cuts exactly at
+    str.isspace characters: they are what lies between the parts (numpy keeps this to ~15 ms).
+    """
+    import numpy
+
+    code_points = numpy.arange(0x110000, dtype="<u4")
+    everything = numpy.concatenate([code_points[:0xD800], code_points[0xE000:]]).tobytes().decode("utf-32-le")
+    spaces: List[int] = []
+    position = 0
+    for part in everything.split():
+        start = everything.index(part, position)
+        spaces += map(ord, everything[position:start])
+        position = start + len(part)
+    spaces += map(ord, everything[position:])
+    return spaces
+
+
+def _native_bpe(model: dict):
+    """A megalign._helpers.ByteLevelBPE for a tokenizer.json BPE model, or None where it would differ.
+
+    It needs the plain byte-level model: no subword prefix or word suffix, no byte fallback, no
+    dropout, and a token for each of the 256 bytes (so unknown characters never occur). Tokens and
+    merges with characters outside the byte-level alphabet can never match a piece; C++ leaves them out.
+    """
+    try:
+        from megalign import _helpers
+    except ImportError:
+        return None
+    if (model.get("continuing_subword_prefix") is not None or model.get("end_of_word_suffix") is not None
+            or model.get("byte_fallback") or model.get("dropout") or not isinstance(model.get("vocab"), dict)
+            or not isinstance(model.get("merges", []), list)):
+        return None
+    alphabet = _byte_level_alphabet()
+    try:
+        return _helpers.ByteLevelBPE(model["vocab"], model.get("merges", []), bool(model.get("ignore_merges", False)),
+                                     [ord(alphabet[byte]) for byte in range(256)], _whitespace_code_points(),
+                                     _CACHE_LIMIT)
+    except Exception:  # noqa: BLE001 - e.g. a byte without a token: the tokenizer's own model is used
+        return None
+
+
+def _load_tokenizer(json_path: str):
+    """tokenizers.Tokenizer.from_file (imported here: the C++ path does not need it)."""
+    from tokenizers import Tokenizer as HFTokenizer
+
+    return HFTokenizer.from_file(json_path)
+
+
+def byte_level_bpe_encoder(model_path: str, native: bool = True) -> Optional[ByteLevelBPEEncoder]:
+    """A ByteLevelBPEEncoder for a tokenizer.json (or a folder holding one), or None if not applicable.
+
+    With `native` (the default) BPE and the caches run in C++ whenever the model allows it.
+    """
     json_path = os.path.join(model_path, "tokenizer.json") if os.path.isdir(model_path) else model_path
     try:
         import regex  # noqa: F401 - an optional dependency (installed with transformers)
-        from tokenizers import Tokenizer as HFTokenizer
 
         with open(json_path, "r", encoding="utf-8") as handle:
             config = json.load(handle)
-        tokenizer = HFTokenizer.from_file(json_path)
     except Exception:  # noqa: BLE001 - any problem: the caller keeps the regular tokenizer
         return None
     model = config.get("model") or {}
@@ -274,9 +378,12 @@ def byte_level_bpe_encoder(model_path: str) -> Optional[ByteLevelBPEEncoder]:
             or any(token.get(flag) for token in added for flag in ("lstrip", "rstrip", "single_word"))
             or any(not token.get("content") for token in added)):
         return None
+    core = _native_bpe(model) if native else None
     try:
-        encoder = ByteLevelBPEEncoder(tokenizer, pattern, added)
-    except Exception:  # noqa: BLE001 - a pattern the regex module cannot compile
+        # The tokenizer's own BPE model is needed only without the C++ one.
+        tokenizer = None if core is not None else _load_tokenizer(json_path)
+        encoder = ByteLevelBPEEncoder(tokenizer, pattern, added, core)
+    except Exception:  # noqa: BLE001 - a file tokenizers rejects, a pattern the regex module cannot compile
         return None
     if encoder._pattern.search("") is not None:  # a pattern matching empty strings: not reproduced here
         return None
