@@ -92,11 +92,15 @@ def prepare_dataset(args: argparse.Namespace, name: str) -> Tuple[str, float]:
     return prefix, seconds
 
 
-def quiet_megatron() -> None:
-    """Import megatron-core's datasets without its optional-dependency warnings."""
+def import_megatron() -> Tuple[type, type, type]:
+    """megatron-core's (GPTDataset, IndexedDataset, Split), imported without its optional-dependency warnings."""
     warnings.filterwarnings("ignore", module="megatron")
     warnings.filterwarnings("ignore", message=".*Transformer Engine.*")
-    import megatron.core.datasets.gpt_dataset  # noqa: F401
+    from megatron.core.datasets.gpt_dataset import GPTDataset
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+    from megatron.core.datasets.utils import Split
+
+    return GPTDataset, IndexedDataset, Split
 
 
 def megatron_config(args: argparse.Namespace, cache_dir: Optional[str], prefix: str):
@@ -154,10 +158,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--keep", action="store_true", help="keep benchmarks/_work/gpt_index_build afterwards")
     args = parser.parse_args(argv)
 
-    quiet_megatron()
-    from megatron.core.datasets.gpt_dataset import GPTDataset as MegatronGPTDataset
-    from megatron.core.datasets.indexed_dataset import IndexedDataset as MegatronIndexedDataset
-    from megatron.core.datasets.utils import Split as MegatronSplit
+    MegatronGPTDataset, MegatronIndexedDataset, MegatronSplit = import_megatron()
 
     prefix, _ = prepare_dataset(args, "gpt_index_build")
     work = os.path.dirname(prefix)

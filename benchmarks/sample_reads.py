@@ -27,7 +27,7 @@ from gpt_index_build import (  # noqa: E402
     megalign_config,
     megatron_config,
     prepare_dataset,
-    quiet_megatron,
+    import_megatron,
 )
 
 from megalign.data.gpt_dataset import GPTDataset, Split  # noqa: E402
@@ -61,10 +61,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
 
-    quiet_megatron()
-    from megatron.core.datasets.gpt_dataset import GPTDataset as MegatronGPTDataset
-    from megatron.core.datasets.indexed_dataset import IndexedDataset as MegatronIndexedDataset
-    from megatron.core.datasets.utils import Split as MegatronSplit
+    MegatronGPTDataset, MegatronIndexedDataset, MegatronSplit = import_megatron()
 
     prefix, _ = prepare_dataset(args, "sample_reads")
     work = os.path.dirname(prefix)
