@@ -1,0 +1,282 @@
+"""Shape and hyper-parameters of a LLaMA-3 / Qwen2 decoder, presets, parameter and FLOP counts, and the
+mapping to Hugging Face ``config.json`` (LlamaForCausalLM / Qwen2ForCausalLM).
+
+The two families share one architecture (pre-RMSNorm decoder, grouped-query attention with rotary
+embeddings, SwiGLU MLP, no biases); Qwen2 adds biases to the q/k/v projections (``qkv_bias``).
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, fields
+from typing import Any, Dict, Mapping, Optional
+
+from megalign.errors import ConfigError
+from megalign.ops.rotary import RopeScaling
+
+__all__ = ["ARCHITECTURES", "PRESETS", "ModelConfig", "flops_per_token", "from_hf_config", "parameter_count",
+           "preset", "to_hf_config"]
+
+LLAMA = "LlamaForCausalLM"
+QWEN2 = "Qwen2ForCausalLM"
+ARCHITECTURES = {LLAMA: "llama", QWEN2: "qwen2"}
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """A decoder's shape; validated on construction (``ConfigError`` names the field)."""
+
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    max_position_embeddings: int = 4096
+    rope_theta: float = 10000.0
+    rope_scaling: Optional[RopeScaling] = None
+    rms_norm_eps: float = 1e-5
+    qkv_bias: bool = False
+    tie_word_embeddings: bool = False
+    init_std: float = 0.02
+
+    def __post_init__(self) -> None:
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_attention_heads",
+                     "num_key_value_heads", "max_position_embeddings"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ConfigError(f"model config: {name}={value!r} must be a positive integer")
+        for name in ("rope_theta", "rms_norm_eps", "init_std"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+                raise ConfigError(f"model config: {name}={value!r} must be a positive number")
+        for name in ("qkv_bias", "tie_word_embeddings"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"model config: {name}={getattr(self, name)!r} must be true or false")
+        if self.rope_scaling is not None and not isinstance(self.rope_scaling, RopeScaling):
+            raise ConfigError(f"model config: rope_scaling={self.rope_scaling!r} must be a RopeScaling or None")
+        if self.hidden_size % self.num_attention_heads:
+            raise ConfigError(f"model config: num_attention_heads={self.num_attention_heads} must divide "
+                              f"hidden_size={self.hidden_size}")
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ConfigError(f"model config: num_key_value_heads={self.num_key_value_heads} must divide "
+                              f"num_attention_heads={self.num_attention_heads}")
+        if self.head_dim % 2:
+            raise ConfigError(f"model config: hidden_size / num_attention_heads = {self.head_dim} must be even "
+                              f"(rotary embeddings rotate pairs); change hidden_size or num_attention_heads")
+
+    @property
+    def head_dim(self) -> int:
+        """Size of one attention head."""
+        return self.hidden_size // self.num_attention_heads
+
+    @property
+    def architecture(self) -> str:
+        """The Hugging Face class this shape maps to: Qwen2 when q/k/v have biases, else LLaMA."""
+        return QWEN2 if self.qkv_bias else LLAMA
+
+    def to_dict(self) -> Dict[str, Any]:
+        """JSON-ready dict (checkpoint metadata, YAML); inverse of :meth:`from_dict`."""
+        out = dataclasses.asdict(self)
+        out["rope_scaling"] = None if self.rope_scaling is None else self.rope_scaling.to_dict()
+        return out
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "ModelConfig":
+        """Build from :meth:`to_dict` output; unknown keys are an error naming them."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ConfigError(f"model config: unknown field(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+        kwargs = dict(data)
+        if kwargs.get("rope_scaling") is not None:
+            kwargs["rope_scaling"] = _rope_scaling_from_dict(kwargs["rope_scaling"], "rope_scaling")
+        try:
+            return cls(**kwargs)
+        except TypeError as exc:  # a required field is missing
+            raise ConfigError(f"model config: {exc}") from None
+
+
+def _rope_scaling_from_dict(data: Any, where: str) -> RopeScaling:
+    if isinstance(data, RopeScaling):
+        return data
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"{where}={data!r} must be a mapping")
+    kwargs = {}
+    for f in fields(RopeScaling):
+        if f.name not in data:
+            raise ConfigError(f"{where}.{f.name} is missing")
+        kwargs[f.name] = data[f.name]
+    return RopeScaling(**kwargs)
+
+
+PRESETS: Dict[str, ModelConfig] = {
+    # Unit tests: ~107k parameters, runs in milliseconds.
+    "tiny": ModelConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_layers=2,
+                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256),
+    # CPU demo: ~7M parameters, GQA like the real models.
+    "small": ModelConfig(vocab_size=8192, hidden_size=256, intermediate_size=768, num_layers=4,
+                         num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=1024),
+    # meta-llama/Meta-Llama-3-8B (the AceGPT-v2 / LLaMA3-Tamed base).
+    "llama3-8b": ModelConfig(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_layers=32,
+                             num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=8192,
+                             rope_theta=500000.0, rms_norm_eps=1e-5),
+    # meta-llama/Meta-Llama-3-70B.
+    "llama3-70b": ModelConfig(vocab_size=128256, hidden_size=8192, intermediate_size=28672, num_layers=80,
+                              num_attention_heads=64, num_key_value_heads=8, max_position_embeddings=8192,
+                              rope_theta=500000.0, rms_norm_eps=1e-5),
+    # meta-llama/Llama-3.1-8B: same weights' shape as llama3-8b, 128k context through rope scaling.
+    "llama3.1-8b": ModelConfig(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_layers=32,
+                               num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=131072,
+                               rope_theta=500000.0, rope_scaling=RopeScaling(8.0, 1.0, 4.0, 8192),
+                               rms_norm_eps=1e-5),
+    # Qwen/Qwen2-1.5B (tied embeddings).
+    "qwen2-1.5b": ModelConfig(vocab_size=151936, hidden_size=1536, intermediate_size=8960, num_layers=28,
+                              num_attention_heads=12, num_key_value_heads=2, max_position_embeddings=131072,
+                              rope_theta=1000000.0, rms_norm_eps=1e-6, qkv_bias=True, tie_word_embeddings=True),
+    # Qwen/Qwen2-7B.
+    "qwen2-7b": ModelConfig(vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_layers=28,
+                            num_attention_heads=28, num_key_value_heads=4, max_position_embeddings=131072,
+                            rope_theta=1000000.0, rms_norm_eps=1e-6, qkv_bias=True),
+}
+
+
+def preset(name: str, **overrides: Any) -> ModelConfig:
+    """A preset by name, optionally with fields replaced (e.g. ``preset("tiny", vocab_size=512)``)."""
+    if name not in PRESETS:
+        raise ConfigError(f"unknown model preset {name!r}; choose one of {', '.join(PRESETS)}")
+    if not overrides:
+        return PRESETS[name]
+    return ModelConfig.from_dict({**PRESETS[name].to_dict(), **overrides})
+
+
+def parameter_count(config: ModelConfig) -> int:
+    """Exact number of parameters (embeddings, per-layer attention/MLP/norms, final norm, LM head)."""
+    h, kv = config.hidden_size, config.num_key_value_heads * config.head_dim
+    attention = h * h + 2 * h * kv + h * h  # q, k, v, o
+    if config.qkv_bias:
+        attention += h + 2 * kv
+    mlp = 3 * h * config.intermediate_size  # gate, up, down
+    layer = attention + mlp + 2 * h  # two RMSNorm weights
+    embeddings = config.vocab_size * h * (1 if config.tie_word_embeddings else 2)
+    return embeddings + config.num_layers * layer + h
+
+
+def flops_per_token(config: ModelConfig, seq_length: int) -> int:
+    """Training FLOPs per token (forward + backward), the PaLM / nanoGPT MFU estimate.
+
+    ``6 * N + 12 * num_layers * hidden_size * seq_length`` (PaLM, Chowdhery et al. 2022, appendix B;
+    nanoGPT's ``estimate_mfu``): 2 FLOPs per multiply-add and weight in the forward pass and 4 in the
+    backward pass give ``6 * N``; the attention scores and the weighted sum of values add
+    ``2 * 2 * seq * hidden`` per layer forward, times 3 for training (causal masking not discounted).
+    ``N`` counts the weights used in matmuls: all parameters except the input embedding table (a lookup),
+    unless it is tied to the LM head.
+    """
+    if isinstance(seq_length, bool) or not isinstance(seq_length, int) or seq_length <= 0:
+        raise ConfigError(f"seq_length={seq_length!r} must be a positive integer")
+    n = parameter_count(config)
+    if not config.tie_word_embeddings:
+        n -= config.vocab_size * config.hidden_size
+    return 6 * n + 12 * config.num_layers * config.hidden_size * seq_length
+
+
+def to_hf_config(config: ModelConfig, architecture: Optional[str] = None) -> Dict[str, Any]:
+    """The ``config.json`` dict of the matching Hugging Face model (``LlamaForCausalLM`` or ``Qwen2ForCausalLM``).
+
+    ``architecture`` defaults to ``config.architecture``; LLaMA cannot express q/k/v biases alone
+    (its ``attention_bias`` also biases o_proj) and Qwen2 always has them, so a mismatch is an error.
+    """
+    architecture = architecture or config.architecture
+    if architecture not in ARCHITECTURES:
+        raise ConfigError(f"architecture={architecture!r}: use one of {', '.join(ARCHITECTURES)}")
+    if architecture == LLAMA and config.qkv_bias:
+        raise ConfigError("qkv_bias=True cannot be saved as LlamaForCausalLM; use Qwen2ForCausalLM")
+    if architecture == QWEN2 and not config.qkv_bias:
+        raise ConfigError("qkv_bias=False cannot be saved as Qwen2ForCausalLM (it always has q/k/v biases); "
+                          "use LlamaForCausalLM")
+    out: Dict[str, Any] = {
+        "architectures": [architecture],
+        "model_type": ARCHITECTURES[architecture],
+        "vocab_size": config.vocab_size,
+        "hidden_size": config.hidden_size,
+        "intermediate_size": config.intermediate_size,
+        "num_hidden_layers": config.num_layers,
+        "num_attention_heads": config.num_attention_heads,
+        "num_key_value_heads": config.num_key_value_heads,
+        "max_position_embeddings": config.max_position_embeddings,
+        "rope_theta": float(config.rope_theta),
+        "rope_scaling": (None if config.rope_scaling is None
+                         else {"rope_type": "llama3", **config.rope_scaling.to_dict()}),
+        "rms_norm_eps": config.rms_norm_eps,
+        "tie_word_embeddings": config.tie_word_embeddings,
+        "initializer_range": config.init_std,
+        "hidden_act": "silu",
+        "attention_dropout": 0.0,
+    }
+    if architecture == LLAMA:
+        out.update(attention_bias=False, mlp_bias=False, head_dim=config.head_dim)
+    else:
+        out.update(use_sliding_window=False, max_window_layers=config.num_layers)
+    return out
+
+
+def _hf_rope(hf: Mapping[str, Any]) -> tuple:
+    """(rope_theta, RopeScaling | None) from the old ``rope_scaling`` or the transformers-5 ``rope_parameters``."""
+    params = hf.get("rope_scaling") or hf.get("rope_parameters") or {}
+    key = "rope_scaling" if hf.get("rope_scaling") else "rope_parameters"
+    if not isinstance(params, Mapping):
+        raise ConfigError(f"HF config: {key}={params!r} must be an object")
+    theta = hf.get("rope_theta", params.get("rope_theta", 10000.0))
+    rope_type = params.get("rope_type", params.get("type", "default"))
+    if rope_type == "default":
+        return theta, None
+    if rope_type != "llama3":
+        raise ConfigError(f"HF config: {key}.rope_type={rope_type!r} is not supported (only 'default' and 'llama3')")
+    scaling = {f.name: params.get(f.name) for f in fields(RopeScaling)}
+    if scaling["original_max_position_embeddings"] is None:
+        raise ConfigError(f"HF config: {key}.original_max_position_embeddings is missing")
+    return theta, _rope_scaling_from_dict(scaling, f"HF config: {key}")
+
+
+def from_hf_config(hf: Mapping[str, Any]) -> ModelConfig:
+    """A :class:`ModelConfig` from a LLaMA or Qwen2 ``config.json`` dict; unsupported features are errors."""
+    model_type = hf.get("model_type")
+    if model_type is None:
+        archs = hf.get("architectures") or []
+        model_type = next((ARCHITECTURES[a] for a in archs if a in ARCHITECTURES), None)
+    if model_type not in ARCHITECTURES.values():
+        raise ConfigError(f"HF config: model_type={model_type!r} is not supported; "
+                          f"use a llama or qwen2 config ({', '.join(ARCHITECTURES)})")
+    missing = [k for k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                           "num_attention_heads") if k not in hf]
+    if missing:
+        raise ConfigError(f"HF config: missing key(s) {', '.join(missing)}")
+    if hf.get("hidden_act", "silu") != "silu":
+        raise ConfigError(f"HF config: hidden_act={hf['hidden_act']!r} is not supported (only 'silu')")
+    if hf.get("mlp_bias"):
+        raise ConfigError("HF config: mlp_bias=true is not supported")
+    if model_type == "llama" and hf.get("attention_bias"):
+        raise ConfigError("HF config: attention_bias=true is not supported (o_proj bias)")
+    if model_type == "qwen2" and hf.get("use_sliding_window"):
+        raise ConfigError("HF config: use_sliding_window=true is not supported")
+    heads = hf["num_attention_heads"]
+    head_dim = hf.get("head_dim")
+    if head_dim is not None and isinstance(heads, int) and heads > 0 and head_dim * heads != hf["hidden_size"]:
+        raise ConfigError(f"HF config: head_dim={head_dim} must equal hidden_size / num_attention_heads "
+                          f"({hf['hidden_size']} / {heads})")
+    theta, scaling = _hf_rope(hf)
+    defaults = {"llama": (2048, 1e-6), "qwen2": (32768, 1e-6)}[model_type]
+    return ModelConfig(
+        vocab_size=hf["vocab_size"],
+        hidden_size=hf["hidden_size"],
+        intermediate_size=hf["intermediate_size"],
+        num_layers=hf["num_hidden_layers"],
+        num_attention_heads=heads,
+        num_key_value_heads=hf.get("num_key_value_heads") or heads,
+        max_position_embeddings=hf.get("max_position_embeddings", defaults[0]),
+        rope_theta=float(theta),
+        rope_scaling=scaling,
+        rms_norm_eps=hf.get("rms_norm_eps", defaults[1]),
+        qkv_bias=model_type == "qwen2",
+        tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
+        init_std=hf.get("initializer_range", 0.02),
+    )

@@ -1,0 +1,58 @@
+"""Token-level cross-entropy computed in fp32 with a numerically stable log-sum-exp.
+
+``loss_i = logsumexp(logits_i) - logits_i[label_i]`` where ``logsumexp(z) = max(z) + log(sum(exp(z - max(z))))``.
+Positions whose label equals ``ignore_index`` contribute nothing: 0 in ``reduction="none"``, left out of
+the sum, and left out of the count that ``"mean"`` divides by. Unlike ``torch.nn.functional.cross_entropy``,
+``"mean"`` over a batch with no valid label returns 0 (not NaN), so an all-prompt SFT micro-batch cannot
+poison a step, and the result is always fp32 whatever the logits dtype.
+"""
+from __future__ import annotations
+
+import torch
+
+__all__ = ["cross_entropy", "cross_entropy_reference"]
+
+_REDUCTIONS = ("mean", "sum", "none")
+
+
+def cross_entropy_reference(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100,
+                            reduction: str = "mean") -> torch.Tensor:
+    """PyTorch reference: the CPU path and the oracle for fused kernels.
+
+    It checks that every non-ignored label is inside the vocabulary (a host sync on a GPU).
+    """
+    if reduction not in _REDUCTIONS:
+        raise ValueError(f"cross_entropy: reduction={reduction!r}; use one of {', '.join(_REDUCTIONS)}")
+    if logits.shape[:-1] != labels.shape:
+        raise ValueError(f"cross_entropy: logits {tuple(logits.shape)} must be labels {tuple(labels.shape)} "
+                         f"plus a vocabulary dimension")
+    if labels.dtype.is_floating_point or labels.dtype == torch.bool:
+        raise ValueError(f"cross_entropy: labels must be an integer tensor, got {labels.dtype}")
+    vocab = logits.shape[-1]
+    valid = labels != ignore_index
+    bad = valid & ((labels < 0) | (labels >= vocab))
+    if bool(bad.any()):
+        first = labels[bad].flatten()[0].item()
+        raise ValueError(f"cross_entropy: label {first} is outside the vocabulary [0, {vocab}) "
+                         f"and is not ignore_index={ignore_index}")
+    z = logits.float()
+    zmax = z.amax(dim=-1, keepdim=True).detach()
+    lse = (zmax + torch.log(torch.exp(z - zmax).sum(dim=-1, keepdim=True))).squeeze(-1)
+    target = torch.gather(z, -1, torch.where(valid, labels, 0).unsqueeze(-1).long()).squeeze(-1)
+    loss = torch.where(valid, lse - target, torch.zeros_like(lse))
+    if reduction == "none":
+        return loss
+    total = loss.sum()
+    if reduction == "sum":
+        return total
+    return total / valid.sum().clamp(min=1).to(total.dtype)
+
+
+def cross_entropy(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100,
+                  reduction: str = "mean") -> torch.Tensor:
+    """Cross-entropy of ``logits`` ``[..., vocab]`` (any float dtype) against integer ``labels`` ``[...]``.
+
+    Returns fp32: per position for ``reduction="none"``, else a scalar (``"sum"``, or ``"mean"`` over
+    the positions whose label is not ``ignore_index``).
+    """
+    return cross_entropy_reference(logits, labels, ignore_index, reduction)
