@@ -1,0 +1,28 @@
+"""The LLaMA/Qwen2 feed-forward block: ``down(silu(gate(x)) * up(x))``."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from megalign.model.config import ModelConfig
+from megalign.ops import swiglu
+from megalign.parallel import ColumnParallelLinear, InitMethod, ParallelContext, RowParallelLinear
+
+__all__ = ["MLP"]
+
+
+class MLP(nn.Module):
+    """SwiGLU MLP: gate and up projections column-parallel, down projection row-parallel; no biases."""
+
+    def __init__(self, config: ModelConfig, context: ParallelContext, init_method: InitMethod,
+                 output_init_method: InitMethod) -> None:
+        super().__init__()
+        hidden, ffn = config.hidden_size, config.intermediate_size
+        self.gate_proj = ColumnParallelLinear(hidden, ffn, context, bias=False, init_method=init_method)
+        self.up_proj = ColumnParallelLinear(hidden, ffn, context, bias=False, init_method=init_method)
+        self.down_proj = RowParallelLinear(ffn, hidden, context, bias=False, input_is_parallel=True,
+                                           init_method=output_init_method)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``[..., hidden]`` → ``[..., hidden]``."""
+        return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x)))
