@@ -1,0 +1,1 @@
+"""Training: the trainer loop, optimizer, learning-rate schedules, loss scaling and checkpoints."""
