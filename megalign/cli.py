@@ -21,6 +21,7 @@ COMMANDS: Dict[str, Tuple[str, str]] = {
         "train a SentencePiece or Hugging Face BPE tokenizer on JSONL text",
     ),
     "merge-datasets": ("megalign.data.merge_datasets", "merge finished .bin/.idx shards into one dataset"),
+    "train": ("megalign.training.trainer", "train a GPT model on preprocessed data (pretrain_gpt.py)"),
     "demo": ("megalign.demo", "run the end-to-end demo on the shipped sample corpus (CPU)"),
 }
 

@@ -7,7 +7,9 @@ the training datasets through the Python API and prints decoded samples. Steps s
   3. merge the parts into one dataset                      (megalign merge-datasets)
   4. build a blended 80/20 Arabic/English GPT dataset with a train/valid split, cached indices,
      and the data-parallel sampler; decode a few samples
-Later capabilities (training, parallel training, HF export, alignment stages) join as they land.
+  5. train the tiny LLaMA-style preset on it, checkpointing half-way      (megalign train)
+  6. resume from that checkpoint and finish the run                       (megalign train --load)
+Later capabilities (parallel training, HF export, alignment stages) join as they land.
 """
 from __future__ import annotations
 
@@ -36,6 +38,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--vocab-size", type=int, default=2000, help="tokenizer vocabulary (default: %(default)s)")
     parser.add_argument("--sequence-length", type=int, default=128, help="tokens per sample (default: %(default)s)")
     parser.add_argument("--workers", type=int, default=2, help="preprocessing workers (default: %(default)s)")
+    parser.add_argument("--train-iters", type=int, default=120, help="training steps (default: %(default)s)")
     parser.add_argument("--fresh", action="store_true", help="delete the workdir first")
 
 
@@ -144,6 +147,23 @@ def main(args: argparse.Namespace) -> int:
 
     _step("4. Blended GPT datasets (80% Arabic / 20% English), split, cached indices, DP sampler")
     show_datasets(prefixes, tokenizer_model, workdir / "index_cache", args.sequence_length)
+
+    _step("5. Train the tiny LLaMA-style preset (stops and checkpoints half-way)")
+    checkpoints = workdir / "checkpoints"
+    if checkpoints.exists():
+        shutil.rmtree(checkpoints)
+    half = args.train_iters // 2
+    train_args = ["--model-preset", "tiny", "--seq-length", "64", "--micro-batch-size", "4",
+                  "--global-batch-size", "8", "--lr", "3e-3", "--min-lr", "3e-4", "--lr-decay-style", "cosine",
+                  "--lr-warmup-iters", "10", "--lr-decay-iters", str(args.train_iters), "--data-path", "0.8", prefixes[0], "0.2", prefixes[1],
+                  "--split", "90,10,0", "--tokenizer-type", "SentencePieceTokenizer",
+                  "--tokenizer-model", str(tokenizer_model), "--data-cache-path", str(workdir / "index_cache"),
+                  "--save", str(checkpoints), "--log-interval", "20", "--eval-interval", str(half),
+                  "--eval-iters", "2", "--seed", "1234"]
+    _run("train", [*train_args, "--train-iters", str(half)])
+
+    _step("6. Resume from the checkpoint and finish the run (model, optimizer, schedule, data position)")
+    _run("train", [*train_args, "--train-iters", str(args.train_iters), "--load", str(checkpoints)])
 
     print(f"\ndemo finished in {time.perf_counter() - started:.1f}s; outputs in {workdir}/", flush=True)
     return 0

@@ -237,11 +237,13 @@ class LRSchedule:
                                   f"this version reads format {STATE_FORMAT}")
         if policy == "strict":
             for key, flag in _SETTINGS.items():
+                if key == "wd_incr_steps" and self.weight_decay_incr_style == "constant":
+                    continue  # only a ramping weight decay depends on the run length
                 if state[key] != getattr(self, key):
                     raise ConfigError(
                         f"{flag} is {getattr(self, key)!r} but the checkpoint was trained with {state[key]!r}; "
-                        "pass the same value, or --use-checkpoint-opt_param-scheduler to take the checkpoint's "
-                        "schedule, or --override-opt_param-scheduler to keep the new one")
+                        "pass the same value when resuming (to stop early and resume later, set "
+                        "--lr-decay-iters to the full run's length)")
         elif policy == "use-checkpoint":
             previous = {key: getattr(self, key) for key in _SETTINGS}
             for key in _SETTINGS:

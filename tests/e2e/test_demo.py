@@ -14,12 +14,14 @@ def test_demo_runs_end_to_end(tmp_path: Path, repo_root: Path) -> None:
     )
     assert result.returncode == 0, result.stderr[-3000:]
     out = result.stdout
-    for step in ("1. Train a tokenizer", "2. Split the corpus", "3. Merge", "4. Blended GPT datasets", "demo finished"):
+    for step in ("1. Train a tokenizer", "2. Split the corpus", "3. Merge", "4. Blended GPT datasets",
+                 "5. Train the tiny", "6. Resume", "resumed at step 60", "training finished at step 120", "demo finished"):
         assert step in out
     assert (workdir / "tokenizer" / "tokenizer.model").is_file()
     for name in ("arabic_text_document", "english_text_document", "all_text_document"):
         assert (workdir / "data" / f"{name}.bin").is_file() and (workdir / "data" / f"{name}.idx").is_file()
     assert "train[0]: 128 tokens" in out
+    assert (workdir / "checkpoints" / "iter_0000120" / "metadata.json").is_file()
 
     from megalign.data.indexed_dataset import IndexedDataset
 

@@ -198,3 +198,18 @@ def test_from_namespace_uses_megatron_flag_names() -> None:
     sched = LRSchedule.from_namespace(args)
     assert sched.warmup_steps == 20 and sched.decay_steps == 200 and sched.wd_at(5) == 0.1
     assert math.isclose(sched.lr_at(20), 1e-3)
+
+
+def test_strict_resume_ignores_run_length_unless_weight_decay_ramps() -> None:
+    from megalign.errors import ConfigError
+    from megalign.training.lr_schedule import LRSchedule
+
+    def schedule(train_iters: int, style: str) -> LRSchedule:
+        return LRSchedule(1e-3, min_lr=1e-4, lr_warmup_iters=2, lr_decay_iters=20, train_iters=train_iters,
+                          lr_decay_style="cosine", start_weight_decay=0.0,
+                          end_weight_decay=0.0 if style == "constant" else 0.1, weight_decay_incr_style=style)
+
+    saved = schedule(10, "constant").state_dict()
+    schedule(20, "constant").load_state_dict(saved)  # stopping early and resuming longer is fine
+    with pytest.raises(ConfigError, match="--train-iters"):
+        schedule(20, "linear").load_state_dict(schedule(10, "linear").state_dict())

@@ -1,0 +1,49 @@
+"""Micro-batches for the trainer: sample ids from a :class:`PretrainingSampler` -> stacked tensors.
+
+The training stream is driven by ``consumed_samples`` (the sampler starts there), so a resumed run reads
+exactly the samples an uninterrupted run would have read next. Evaluation always reads the first
+``eval_iters`` global batches of the validation split, so successive evaluations are comparable and do
+not depend on where training stopped or resumed.
+"""
+from __future__ import annotations
+
+from typing import Any, Dict, Iterator, List, Mapping, Sequence
+
+import torch
+
+from megalign.data.samplers import PretrainingSampler
+
+MODEL_INPUTS = ("tokens", "position_ids", "segment_ids", "labels", "loss_mask")
+
+
+def collate(samples: Sequence[Mapping[str, Any]]) -> Dict[str, torch.Tensor]:
+    """Stack per-sample tensors (``tokens``, ``labels``, ...) into ``[batch, seq]`` tensors.
+
+    Scalars (a BlendedDataset's ``dataset_id``) become a ``[batch]`` tensor.
+    """
+    return {key: torch.stack([torch.as_tensor(sample[key]) for sample in samples]) for key in samples[0]}
+
+
+def micro_batches(dataset: Sequence[Mapping[str, torch.Tensor]], consumed_samples: int,
+                  micro_batch_size: int) -> Iterator[Dict[str, torch.Tensor]]:
+    """Micro-batches of ``dataset`` in sampler order, starting after ``consumed_samples`` samples."""
+    sampler = PretrainingSampler(total_samples=len(dataset), consumed_samples=consumed_samples,
+                                 micro_batch_size=micro_batch_size, data_parallel_rank=0, data_parallel_size=1)
+    for ids in sampler:
+        yield collate([dataset[i] for i in ids])
+
+
+def model_inputs(batch: Mapping[str, torch.Tensor], device: torch.device) -> Dict[str, torch.Tensor]:
+    """The keyword arguments of ``GPTModel.forward`` present in ``batch``, moved to ``device``."""
+    return {key: batch[key].to(device) for key in MODEL_INPUTS if key in batch}
+
+
+def take(iterator: Iterator[Dict[str, torch.Tensor]], count: int, what: str) -> List[Dict[str, torch.Tensor]]:
+    """The next ``count`` micro-batches; RuntimeError if the dataset ran out (a sizing bug, not user error)."""
+    batches = []
+    for _ in range(count):
+        try:
+            batches.append(next(iterator))
+        except StopIteration:
+            raise RuntimeError(f"the {what} dataset ran out of samples; it was built too small") from None
+    return batches

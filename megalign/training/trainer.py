@@ -1,0 +1,340 @@
+"""Train a GPT model on preprocessed data (single process; one GPU, or the CPU when none is visible).
+
+Builds the tokenizer (vocabulary padded Megatron's way), the train/valid datasets from --data-path and
+--split, the model (--bf16/--fp16: parameters in that dtype, fp32 master weights in the optimizer), AdamW,
+the learning-rate schedule and the loss scaler, then loops: each step runs the micro-batches of one
+global batch (gradient accumulation), takes an optimizer step (a step skipped for NaN/Inf gradients does
+not advance the schedule), logs every --log-interval steps, evaluates every --eval-interval steps and
+saves every --save-interval steps and at the end. --load resumes model, optimizer, schedule, loss scale,
+RNG and data position exactly; with --finetune only the weights are loaded.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Dict, Iterator, List, Optional, TextIO
+
+import torch
+
+from megalign.config import TrainingConfig, add_arguments as add_config_arguments, config_from_namespace
+from megalign.errors import ConfigError, DataFormatError
+from megalign.training import batches
+from megalign.training.checkpointing import Checkpoint, find_latest_valid, save_checkpoint
+from megalign.training.loss_scale import (ConstantLossScaler, DynamicLossScaler, LossScaler, SkippedStepTracker,
+                                          TooManyNonFiniteSteps)
+from megalign.training.lr_schedule import LRSchedule
+from megalign.training.optimizer import MixedPrecisionOptimizer
+from megalign.utils.progress import format_count, format_duration
+
+EXAMPLES = """examples:
+  megalign train --model-preset tiny --seq-length 128 --micro-batch-size 4 --global-batch-size 8 \\
+      --train-iters 200 --lr 3e-4 --lr-warmup-iters 20 --data-path data/sample_text_document \\
+      --tokenizer-type SentencePieceTokenizer --tokenizer-model tok/tokenizer.model \\
+      --save ckpt --save-interval 100 --eval-interval 50 --eval-iters 4 --log-interval 10
+  megalign train --config run.yaml --load ckpt --save ckpt      # resume where ckpt stopped
+"""
+
+# Flags the loop does not honour yet: (dest, message). Set -> ConfigError at start, never silently ignored.
+_UNSUPPORTED = (
+    ("sft", "--sft (supervised fine-tuning on chat data) is not supported by the trainer yet"),
+    ("recompute_granularity", "--recompute-granularity (activation recomputation) is not supported by the "
+                              "trainer yet; remove --recompute-* or lower --micro-batch-size"),
+    ("tensorboard_dir", "--tensorboard-dir is not supported by the trainer yet; metrics are printed every "
+                        "--log-interval steps"),
+)
+
+
+@dataclass
+class TrainResult:
+    """What a run did: the last step, samples consumed, per-step mean losses and evaluations."""
+
+    iteration: int
+    consumed_samples: int
+    losses: Dict[int, float] = field(default_factory=dict)
+    evaluations: Dict[int, float] = field(default_factory=dict)
+    checkpoint: Optional[str] = None
+
+
+def check_supported(config: TrainingConfig) -> None:
+    """Raise ConfigError for settings the loop cannot honour yet, and for missing data/tokenizer flags."""
+    values = config.flat()
+    for dest, message in _UNSUPPORTED:
+        if values[dest] not in (None, False):
+            raise ConfigError(message)
+    if config.data.data_path is None:
+        raise ConfigError("--data-path is required for training (prefixes written by `megalign preprocess`)")
+    if config.data.tokenizer_type is None:
+        raise ConfigError("--tokenizer-type is required for training (with --tokenizer-model where it needs one)")
+
+
+def _model_dtype(config: TrainingConfig) -> torch.dtype:
+    if config.precision.bf16:
+        return torch.bfloat16
+    return torch.float16 if config.precision.fp16 else torch.float32
+
+
+def _loss_scaler(config: TrainingConfig) -> LossScaler:
+    """fp16: dynamic (or --loss-scale static) scaling; bf16/fp32: a constant scale of 1 (a no-op)."""
+    p = config.precision
+    if not p.fp16:
+        return ConstantLossScaler(1.0)
+    if p.loss_scale is not None:
+        return ConstantLossScaler(p.loss_scale)
+    return DynamicLossScaler(initial_scale=p.initial_loss_scale, min_scale=p.min_loss_scale,
+                             growth_interval=p.loss_scale_window, hysteresis=p.hysteresis)
+
+
+class Trainer:
+    """One training run of ``config``: call :meth:`train`. Log lines go to ``stream``."""
+
+    def __init__(self, config: TrainingConfig, stream: TextIO = sys.stdout,
+                 device: Optional[torch.device] = None) -> None:
+        check_supported(config)
+        self.config, self.stream = config, stream
+        self.args = config.as_namespace()
+        self.device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.train_iters, self.num_microbatches = config.train_iters, config.num_microbatches
+        self.global_batch_size = config.global_batch_size
+        self.iteration = 0
+        self.consumed_samples = 0
+
+        torch.manual_seed(config.misc.seed)
+        self.tokenizer, vocab_size = self._build_tokenizer()
+        self.train_data, self.valid_data = self._build_datasets()
+        self.model = self._build_model(vocab_size)
+        self.checkpoint = self._open_checkpoint()
+        if self.checkpoint is not None and config.checkpointing.finetune:
+            self._load_weights(self.checkpoint)
+        self.optimizer = MixedPrecisionOptimizer.from_args(self.model, self.args)
+        self.schedule = LRSchedule.from_namespace(self.args)
+        self.scaler = _loss_scaler(config)
+        self.tracker = SkippedStepTracker(config.checkpointing.max_consecutive_skipped_steps)
+        if self.checkpoint is not None and not config.checkpointing.finetune:
+            self._resume(self.checkpoint)
+        self.schedule.apply(self.optimizer)
+
+    # ---- setup ------------------------------------------------------------------------------------------
+    def _log(self, text: str) -> None:
+        print(text, file=self.stream, flush=True)
+
+    def _build_tokenizer(self):
+        from megalign.data.tokenizers import build_tokenizer, padded_vocab_size
+
+        d = self.config.data
+        tokenizer = build_tokenizer(d.tokenizer_type, d.tokenizer_model, vocab_size=self.config.model.vocab_size)
+        padded = padded_vocab_size(tokenizer.vocab_size, d.make_vocab_size_divisible_by)
+        self._log(f"tokenizer {d.tokenizer_type}: {tokenizer.vocab_size} tokens, padded to {padded}")
+        return tokenizer, padded
+
+    def _build_datasets(self):
+        from megalign.data.dataset_builder import build_gpt_datasets, parse_data_path
+        from megalign.data.gpt_dataset import GPTDatasetConfig
+
+        d, eval_iters = self.config.data, self.config.logging.eval_iters
+        dataset_config = GPTDatasetConfig(
+            random_seed=self.config.misc.seed, sequence_length=self.config.model.seq_length,
+            blend=parse_data_path(d.data_path), split=d.split, path_to_cache=d.data_cache_path,
+            eod_token=self.tokenizer.eod, pad_token=self.tokenizer.pad, reset_position_ids=d.reset_position_ids,
+            reset_attention_mask=d.reset_attention_mask, eod_mask_loss=d.eod_mask_loss)
+        sizes = [self.train_iters * self.global_batch_size, eval_iters * self.global_batch_size, 0]
+        train, valid, _ = build_gpt_datasets(dataset_config, sizes)
+        if train is None:
+            raise ConfigError(f"--split {d.split} leaves no documents for training; give the train part a share")
+        if eval_iters > 0 and valid is None:
+            raise ConfigError(f"--split {d.split} leaves no documents for validation; give the valid part a "
+                              "share, or set --eval-iters 0 to train without evaluation")
+        self._log(f"datasets: train {len(train)} samples" + (f", valid {len(valid)} samples" if valid else ""))
+        return train, (valid if eval_iters > 0 else None)
+
+    def _build_model(self, vocab_size: int) -> torch.nn.Module:
+        from megalign.model import GPTModel
+
+        model_config = self.config.model_config(vocab_size=vocab_size)
+        model = GPTModel(model_config).to(device=self.device, dtype=_model_dtype(self.config))
+        count = sum(p.numel() for p in model.parameters())
+        self._log(f"model: {format_count(count)} parameters, {model_config.num_layers} layers, hidden "
+                  f"{model_config.hidden_size}, dtype {_model_dtype(self.config)}, device {self.device}")
+        return model
+
+    def _open_checkpoint(self) -> Optional[Checkpoint]:
+        load = self.config.checkpointing.load
+        if load is None:
+            return None
+        checkpoint, problems = find_latest_valid(load)
+        for problem in problems:
+            self._log(f"warning: {problem}")
+        if checkpoint is None:
+            raise DataFormatError(f"--load {load}: no valid checkpoint found" +
+                                  (f" ({problems[-1]})" if problems else ""))
+        return checkpoint
+
+    def _load_weights(self, checkpoint: Checkpoint) -> None:
+        state = checkpoint.model_state()
+        ours = self.model.state_dict()
+        missing, unexpected = sorted(set(ours) - set(state)), sorted(set(state) - set(ours))
+        if missing or unexpected:
+            raise DataFormatError(f"{checkpoint.path}: model tensors do not match this model (missing "
+                                  f"{missing[:3]}, unexpected {unexpected[:3]}); was it saved from another shape?")
+        for name, tensor in state.items():
+            if tuple(tensor.shape) != tuple(ours[name].shape):
+                raise DataFormatError(f"{checkpoint.path}: tensor {name} has shape {tuple(tensor.shape)}, this "
+                                      f"model's has {tuple(ours[name].shape)}; check --model-preset and shape flags")
+        with torch.no_grad():
+            for name, tensor in state.items():
+                ours[name].copy_(tensor)
+        self._log(f"loaded weights from {checkpoint.path} (step {checkpoint.step})")
+
+    def _resume(self, checkpoint: Checkpoint) -> None:
+        extra = checkpoint.extra
+        missing = [key for key in ("lr_schedule", "loss_scaler", "skipped_steps", "optimizer") if key not in extra]
+        if missing:
+            raise DataFormatError(f"{checkpoint.path}: lacks trainer state {missing}; resume needs a checkpoint "
+                                  "written by `megalign train` (or use --finetune to load only the weights)")
+        self._load_weights(checkpoint)
+        self.optimizer.load_state_dict_tensors(checkpoint.optimizer_state(), extra["optimizer"])
+        self.schedule.load_state_dict(extra["lr_schedule"])
+        self.scaler.load_state_dict(extra["loss_scaler"])
+        self.tracker.load_state_dict(extra["skipped_steps"])
+        checkpoint.restore_rng()
+        self.iteration, self.consumed_samples = checkpoint.step, checkpoint.consumed_samples
+        if self.iteration >= self.train_iters:
+            raise ConfigError(f"--load {self.config.checkpointing.load}: the checkpoint is at step {self.iteration}, "
+                              f"already at or past --train-iters {self.train_iters}; raise --train-iters")
+        self._log(f"resumed at step {self.iteration} ({self.consumed_samples} samples consumed)")
+
+    # ---- the loop ---------------------------------------------------------------------------------------
+    def _forward_loss(self, batch: Dict[str, torch.Tensor]) -> torch.Tensor:
+        return self.model(**batches.model_inputs(batch, self.device))
+
+    def train_step(self, micro: List[Dict[str, torch.Tensor]]):
+        """One optimizer step over the micro-batches of a global batch; returns (mean loss, StepResult)."""
+        self.model.train()
+        self.optimizer.zero_grad()
+        total = torch.zeros((), dtype=torch.float32, device=self.device)
+        for batch in micro:
+            loss = self._forward_loss(batch).float() / len(micro)
+            self.scaler.scale(loss).backward()
+            total += loss.detach()
+        result = self.optimizer.step(self.scaler)
+        if not result.skipped:
+            self.schedule.step(self.optimizer)
+        return float(total.item()), result
+
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        """Mean validation loss over the first --eval-iters global batches."""
+        self.model.eval()
+        stream = batches.micro_batches(self.valid_data, 0, self.config.optimization.micro_batch_size)
+        count = self.config.logging.eval_iters * self.num_microbatches
+        losses = [self._forward_loss(batch).float() for batch in batches.take(stream, count, "validation")]
+        self.model.train()
+        return float(torch.stack(losses).mean().item())
+
+    def save(self) -> str:
+        """Write a checkpoint of the current step to --save; returns its path."""
+        c = self.config.checkpointing
+        extra = {"lr_schedule": self.schedule.state_dict(), "loss_scaler": self.scaler.state_dict(),
+                 "skipped_steps": self.tracker.state_dict(), "optimizer": self.optimizer.state_dict_json()}
+        path = save_checkpoint(c.save, self.iteration, self.model.state_dict(), self.optimizer.state_dict_tensors(),
+                               config=self.config.to_dict(), consumed_samples=self.consumed_samples, extra=extra,
+                               keep_last=c.keep_last)
+        self._log(f"saved checkpoint {path}")
+        return str(path)
+
+    def train(self, stop_after: Optional[int] = None) -> TrainResult:
+        """Train to --train-iters (or to step ``stop_after``, saving there like Megatron's --exit-interval)."""
+        c, log_cfg = self.config.checkpointing, self.config.logging
+        last = self.train_iters if stop_after is None else min(stop_after, self.train_iters)
+        result = TrainResult(self.iteration, self.consumed_samples)
+        stream: Iterator[Dict[str, torch.Tensor]] = batches.micro_batches(
+            self.train_data, self.consumed_samples, self.config.optimization.micro_batch_size)
+        tokens_per_step = self.global_batch_size * self.config.model.seq_length
+        window = _Window()
+        started, first = time.monotonic(), self.iteration
+        while self.iteration < last:
+            lr = self.schedule.current_lr  # the rate this step uses
+            loss, step = self.train_step(batches.take(stream, self.num_microbatches, "training"))
+            self.iteration += 1
+            self.consumed_samples += self.global_batch_size
+            result.losses[self.iteration] = loss
+            window.add(loss, step.grad_norm, step.skipped)
+            try:
+                self.tracker.record(step.skipped, self.iteration, self.scaler.scale_value)
+            except TooManyNonFiniteSteps:
+                if c.save is not None:
+                    result.checkpoint = self.save()
+                raise
+            if self.iteration % log_cfg.log_interval == 0 or self.iteration == last:
+                elapsed = time.monotonic() - started
+                done = self.iteration - first
+                self._log(window.line(self.iteration, self.train_iters, lr,
+                                      self.scaler.scale_value, tokens_per_step * done / max(elapsed, 1e-9),
+                                      elapsed / done * (self.train_iters - self.iteration)))
+                window = _Window()
+            if self.valid_data is not None and (self.iteration % log_cfg.eval_interval == 0
+                                                or self.iteration == self.train_iters):
+                result.evaluations[self.iteration] = self._report_eval()
+            if c.save is not None and ((c.save_interval and self.iteration % c.save_interval == 0)
+                                       or self.iteration == last):
+                result.checkpoint = self.save()
+        result.iteration, result.consumed_samples = self.iteration, self.consumed_samples
+        return result
+
+    def _report_eval(self) -> float:
+        loss = self.evaluate()
+        perplexity = math.exp(loss) if loss < 700 else math.inf
+        self._log(f"validation at step {self.iteration} | loss {loss:.6f} | perplexity {perplexity:.3f}")
+        return loss
+
+    def close(self) -> None:
+        """Detach the optimizer's gradient hooks and close the checkpoint."""
+        self.optimizer.close()
+        if self.checkpoint is not None:
+            self.checkpoint.close()
+
+
+class _Window:
+    """Metrics accumulated between two log lines."""
+
+    def __init__(self) -> None:
+        self.losses: List[float] = []
+        self.norms: List[float] = []
+        self.skipped = 0
+
+    def add(self, loss: float, grad_norm: Optional[float], skipped: bool) -> None:
+        if skipped:
+            self.skipped += 1
+        else:
+            self.losses.append(loss)
+            self.norms.append(grad_norm if grad_norm is not None else math.nan)
+
+    def line(self, step: int, total: int, lr: float, scale: float, tokens_per_s: float, eta: float) -> str:
+        mean = sum(self.losses) / len(self.losses) if self.losses else math.nan
+        norm = sum(self.norms) / len(self.norms) if self.norms else math.nan
+        return (f"step {step}/{total} | loss {mean:.6f} | lr {lr:.4e} | grad norm {norm:.4f} | "
+                f"loss scale {scale:g} | skipped {self.skipped} | {format_count(tokens_per_s)} tokens/s | "
+                f"ETA {format_duration(eta)}")
+
+
+def train(config: TrainingConfig, stream: TextIO = sys.stdout, stop_after: Optional[int] = None) -> TrainResult:
+    """Run training for ``config`` (see :class:`Trainer`); returns what happened."""
+    trainer = Trainer(config, stream)
+    try:
+        return trainer.train(stop_after)
+    finally:
+        trainer.close()
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """``megalign train`` flags: ``--config FILE.yaml`` and every training flag (docs/configuration.md)."""
+    add_config_arguments(parser)
+
+
+def main(args: argparse.Namespace) -> int:
+    """Entry point of ``megalign train`` / pretrain_gpt.py."""
+    result = train(config_from_namespace(args))
+    print(f"training finished at step {result.iteration} ({result.consumed_samples} samples)", flush=True)
+    return 0
