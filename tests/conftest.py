@@ -52,6 +52,17 @@ def hf_bpe_tokenizer(tmp_path_factory: pytest.TempPathFactory, sample_corpus: Pa
     return Path(train_tokenizer([str(sample_corpus)], str(out_dir), kind="hf-bpe", vocab_size=1000))
 
 
+@pytest.fixture(scope="session")
+def data_prefix(tmp_path_factory: pytest.TempPathFactory, sample_corpus: Path, sentencepiece_model: Path) -> str:
+    """The sample corpus preprocessed with `sentencepiece_model` (with EOD); returns the dataset prefix."""
+    from megalign.data.preprocess import preprocess
+
+    out = tmp_path_factory.mktemp("sample_data")
+    preprocess([str(sample_corpus)], str(out / "sample"), "SentencePieceTokenizer", str(sentencepiece_model),
+               append_eod=True, progress=False)
+    return str(out / "sample_text_document")
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list) -> None:
     """Tests marked `slow` run only with MEGALIGN_SLOW=1 (CI keeps to the fast set)."""
     if os.environ.get("MEGALIGN_SLOW") == "1":

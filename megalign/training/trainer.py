@@ -6,7 +6,8 @@ the learning-rate schedule and the loss scaler, then loops: each step runs the m
 global batch (gradient accumulation), takes an optimizer step (a step skipped for NaN/Inf gradients does
 not advance the schedule), logs every --log-interval steps, evaluates every --eval-interval steps and
 saves every --save-interval steps and at the end. --load resumes model, optimizer, schedule, loss scale,
-RNG and data position exactly; with --finetune only the weights are loaded.
+RNG and data position exactly; with --finetune only the weights are loaded. SIGTERM or SIGUSR1 stops
+the run at the next step boundary, after saving a checkpoint when --save is set (exit status 0).
 """
 from __future__ import annotations
 
@@ -27,6 +28,7 @@ from megalign.training.loss_scale import (ConstantLossScaler, DynamicLossScaler,
                                           TooManyNonFiniteSteps)
 from megalign.training.lr_schedule import LRSchedule
 from megalign.training.optimizer import MixedPrecisionOptimizer
+from megalign.training.preemption import PreemptionHandler
 from megalign.utils.progress import format_count, format_duration
 
 EXAMPLES = """examples:
@@ -49,13 +51,17 @@ _UNSUPPORTED = (
 
 @dataclass
 class TrainResult:
-    """What a run did: the last step, samples consumed, per-step mean losses and evaluations."""
+    """What a run did: the last step, samples consumed, per-step mean losses and evaluations.
+
+    ``preempted_by`` names the signal (``"SIGTERM"``) that stopped the run early, if one did.
+    """
 
     iteration: int
     consumed_samples: int
     losses: Dict[int, float] = field(default_factory=dict)
     evaluations: Dict[int, float] = field(default_factory=dict)
     checkpoint: Optional[str] = None
+    preempted_by: Optional[str] = None
 
 
 def check_supported(config: TrainingConfig) -> None:
@@ -245,7 +251,17 @@ class Trainer:
         return str(path)
 
     def train(self, stop_after: Optional[int] = None) -> TrainResult:
-        """Train to --train-iters (or to step ``stop_after``, saving there like Megatron's --exit-interval)."""
+        """Train to --train-iters (or to step ``stop_after``, saving there like Megatron's --exit-interval).
+
+        SIGTERM/SIGUSR1 (handled while this runs in the main thread) end the loop after the current step,
+        saving a checkpoint there when --save is set.
+        """
+        with PreemptionHandler() as preemption:
+            result = self._loop(stop_after, preemption)
+        result.iteration, result.consumed_samples = self.iteration, self.consumed_samples
+        return result
+
+    def _loop(self, stop_after: Optional[int], preemption: PreemptionHandler) -> TrainResult:
         c, log_cfg = self.config.checkpointing, self.config.logging
         last = self.train_iters if stop_after is None else min(stop_after, self.train_iters)
         result = TrainResult(self.iteration, self.consumed_samples)
@@ -277,11 +293,26 @@ class Trainer:
             if self.valid_data is not None and (self.iteration % log_cfg.eval_interval == 0
                                                 or self.iteration == self.train_iters):
                 result.evaluations[self.iteration] = self._report_eval()
-            if c.save is not None and ((c.save_interval and self.iteration % c.save_interval == 0)
-                                       or self.iteration == last):
+            saved_now = c.save is not None and (bool(c.save_interval and self.iteration % c.save_interval == 0)
+                                                or self.iteration == last)
+            if saved_now:
                 result.checkpoint = self.save()
-        result.iteration, result.consumed_samples = self.iteration, self.consumed_samples
+            if preemption.requested:
+                self._stop_for_signal(preemption.signal_name, result, saved_now)
+                break
         return result
+
+    def _stop_for_signal(self, name: str, result: TrainResult, saved_now: bool) -> None:
+        """Checkpoint the current step (unless just saved) and record that ``name`` stopped the run."""
+        result.preempted_by = name
+        if self.config.checkpointing.save is None:
+            self._log(f"received {name} at step {self.iteration}: no --save directory, nothing could be saved; "
+                      "exiting")
+            return
+        if not saved_now:
+            result.checkpoint = self.save()
+        self._log(f"received {name}: saved checkpoint {result.checkpoint} at step {self.iteration}, exiting "
+                  f"(resume with --load {self.config.checkpointing.save})")
 
     def _report_eval(self) -> float:
         loss = self.evaluate()
@@ -336,5 +367,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def main(args: argparse.Namespace) -> int:
     """Entry point of ``megalign train`` / pretrain_gpt.py."""
     result = train(config_from_namespace(args))
+    if result.preempted_by is not None:
+        print(f"training stopped by {result.preempted_by} at step {result.iteration} ({result.consumed_samples} "
+              "samples)", flush=True)
+        return 0
     print(f"training finished at step {result.iteration} ({result.consumed_samples} samples)", flush=True)
     return 0

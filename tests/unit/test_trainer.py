@@ -16,17 +16,6 @@ from megalign.training.checkpointing import load_checkpoint
 from megalign.training.trainer import Trainer, train
 
 
-@pytest.fixture(scope="module")
-def data_prefix(tmp_path_factory: pytest.TempPathFactory, sample_corpus: Path, sentencepiece_model: Path) -> str:
-    """The sample corpus preprocessed with the sample SentencePiece model; returns the dataset prefix."""
-    from megalign.data.preprocess import preprocess
-
-    out = tmp_path_factory.mktemp("train_data")
-    preprocess([str(sample_corpus)], str(out / "sample"), "SentencePieceTokenizer", str(sentencepiece_model),
-               append_eod=True, progress=False)
-    return str(out / "sample_text_document")
-
-
 def _argv(prefix: str, model: Path, cache: Path, *extra: str) -> List[str]:
     return ["--model-preset", "tiny", "--seq-length", "32", "--micro-batch-size", "2", "--global-batch-size", "4",
             "--data-path", prefix, "--tokenizer-type", "SentencePieceTokenizer", "--tokenizer-model", str(model),
