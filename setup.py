@@ -80,6 +80,8 @@ setup(
             "datasketch>=1.5",
             # Test-only baseline: interop and index-equality tests skip cleanly without it.
             "megatron-core==0.16.1",
+            # Test-only oracle: our dependency-free event writer is read back with TensorBoard's own reader.
+            "tensorboard>=2.14",
         ],
         "hf": ["transformers>=4.40", "safetensors>=0.4", "tokenizers>=0.15", "jinja2>=3"],
         # Optional GPU fast paths; never required, imported lazily (see docs/gpu.md once it exists).

@@ -25,7 +25,7 @@ from megalign.config_flags import CONFLICTS, FLAGS, FLAGS_BY_DEST, SECTIONS, add
     parse_value
 from megalign.data.dataset_builder import parse_data_path, parse_split
 from megalign.errors import ConfigError
-from megalign.model.config import ModelConfig, preset
+from megalign.model.config import ModelConfig, ModelOptions, preset
 from megalign.training.lr_schedule import LRSchedule
 
 __all__ = ["CheckpointingSection", "DataSection", "LoggingSection", "MiscSection", "ModelSection",
@@ -171,6 +171,13 @@ class TrainingConfig:
         overrides.setdefault("max_position_embeddings", m.seq_length)
         return overrides
 
+    def model_options(self) -> ModelOptions:
+        """How the model runs: --attention-backend and the --recompute-* flags."""
+        r = self.recompute
+        return ModelOptions(attention_backend=self.model.attention_backend,
+                            recompute_granularity=r.recompute_granularity, recompute_method=r.recompute_method,
+                            recompute_num_layers=r.recompute_num_layers)
+
     def model_config(self, vocab_size: Optional[int] = None) -> ModelConfig:
         """The model shape: --model-preset with the model flags as overrides, or the flags alone.
 
@@ -201,6 +208,7 @@ class TrainingConfig:
         self._validate_precision()
         self._validate_recompute()
         self._validate_checkpointing()
+        self._validate_logging()
         self._validate_data()
 
     def _validate_batch(self) -> None:
@@ -272,14 +280,23 @@ class TrainingConfig:
 
     def _validate_checkpointing(self) -> None:
         c = self.checkpointing
-        for dest in ("save_interval", "keep_last"):
-            if getattr(c, dest) is not None and c.save is None:
+        for dest in ("save_interval", "keep_last", "async_save"):
+            if getattr(c, dest) not in (None, False) and c.save is None:
                 raise ConfigError(f"{FLAGS_BY_DEST[dest].name} needs --save (where checkpoints go)")
         if c.finetune and c.load is None:
             raise ConfigError("--finetune needs --load (the checkpoint to start from)")
 
+    def _validate_logging(self) -> None:
+        if self.logging.tensorboard_log_interval != 1 and self.logging.tensorboard_dir is None:
+            raise ConfigError("--tensorboard-log-interval needs --tensorboard-dir (where the events go)")
+
     def _validate_data(self) -> None:
         d = self.data
+        if self.misc.sft:
+            for dest in ("reset_position_ids", "reset_attention_mask", "eod_mask_loss"):
+                if getattr(d, dest):
+                    raise ConfigError(f"{FLAGS_BY_DEST[dest].name} does not apply to --sft: an SFT sample is one "
+                                      "conversation (padding is never trained on); remove it")
         if d.data_path is not None:
             parse_data_path(d.data_path)
         try:

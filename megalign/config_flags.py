@@ -14,6 +14,7 @@ from typing import Any, Dict, Optional, Sequence, Tuple
 
 from megalign.data.tokenizers import TOKENIZER_TYPES
 from megalign.errors import ConfigError
+from megalign.model.attention_backends import ATTENTION_BACKENDS
 from megalign.model.config import PRESETS
 from megalign.training.lr_schedule import DECAY_STYLES, WSD_DECAY_STYLES
 
@@ -78,6 +79,9 @@ FLAGS: Tuple[Flag, ...] = (
     Flag("--init-method-std", "model", "float", None, "Std of the normal weight init (default: the preset's, "
          "else 0.02).", minimum=0.0),
     # data
+    Flag("--attention-backend", "model", "str", "auto", "Attention kernel: auto (flash-attn, else Transformer Engine, "
+         "else torch SDPA, by what is installed and the device), or one of them explicitly.",
+         choices=ATTENTION_BACKENDS),
     Flag("--data-path", "data", "list", None, "Dataset prefixes, optionally weighted: P1 P2 ... or W1 P1 W2 P2 ..."),
     Flag("--split", "data", "str", "969,30,1", "Train,valid,test proportions of --data-path."),
     Flag("--tokenizer-type", "data", "str", None, "Tokenizer class.", choices=TOKENIZER_TYPES),
@@ -141,6 +145,8 @@ FLAGS: Tuple[Flag, ...] = (
          "schedule and iteration."),
     Flag("--keep-last", "checkpointing", "int", None, "Keep only the newest N checkpoints in --save (ours).",
          minimum=1),
+    Flag("--async-save", "checkpointing", "bool", False, "Write checkpoints in a background thread while training "
+         "continues (tensors are copied first; at most one save in flight)."),
     Flag("--max-consecutive-skipped-steps", "checkpointing", "int", None, "Save and abort after this many "
          "non-finite steps in a row (ours).", minimum=1),
     # logging
@@ -149,9 +155,15 @@ FLAGS: Tuple[Flag, ...] = (
     Flag("--eval-iters", "logging", "int", 100, "Validation batches per evaluation.", minimum=0),
     Flag("--log-interval", "logging", "int", 100, "Log every this many steps.", minimum=1),
     Flag("--tensorboard-dir", "logging", "str", None, "Write TensorBoard events here."),
+    Flag("--tensorboard-log-interval", "logging", "int", 1, "Write training scalars to TensorBoard every this "
+         "many steps.", minimum=1),
+    Flag("--peak-tflops", "logging", "float", None, "Peak TFLOP/s of one device, for MFU (ours; default: a table of "
+         "GPUs; CPUs need it).", minimum=0.0),
     # misc
     Flag("--seed", "misc", "int", 1234, "Random seed (model init, data order).", minimum=0),
-    Flag("--sft", "misc", "bool", False, "Supervised fine-tuning on chat data (loss on assistant tokens)."),
+    Flag("--torch-compile", "misc", "bool", False, "Compile each decoder layer with torch.compile (ours)."),
+    Flag("--sft", "misc", "bool", False, "Supervised fine-tuning: --data-path holds `preprocess --sft` output; "
+         "one conversation per sample, loss on the assistant replies only."),
     Flag("--tensor-model-parallel-size", "misc", "int", 1, "Tensor-parallel degree (only 1 for now).", minimum=1),
     Flag("--pipeline-model-parallel-size", "misc", "int", 1, "Pipeline-parallel degree (only 1 for now).",
          minimum=1),

@@ -7,14 +7,19 @@ the training datasets through the Python API and prints decoded samples. Steps s
   3. merge the parts into one dataset                      (megalign merge-datasets)
   4. build a blended 80/20 Arabic/English GPT dataset with a train/valid split, cached indices,
      and the data-parallel sampler; decode a few samples
-  5. train the tiny LLaMA-style preset on it, checkpointing half-way      (megalign train)
+  5. train the tiny LLaMA-style preset on it, checkpointing half-way, with selective activation
+     recomputation and TensorBoard events                                 (megalign train)
   6. resume from that checkpoint and finish the run                       (megalign train --load)
+  7. supervised fine-tuning in the alignment worker's format: (original, polished) pairs made by a
+     rule-based stand-in for the expert, tokenized with the chat template and a loss mask, then
+     fine-tuned from the pre-trained checkpoint        (megalign preprocess --sft, megalign train --sft --finetune)
 Later capabilities (parallel training, HF export, alignment stages) join as they land.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import re
 import shlex
 import shutil
 import sys
@@ -39,6 +44,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--sequence-length", type=int, default=128, help="tokens per sample (default: %(default)s)")
     parser.add_argument("--workers", type=int, default=2, help="preprocessing workers (default: %(default)s)")
     parser.add_argument("--train-iters", type=int, default=120, help="training steps (default: %(default)s)")
+    parser.add_argument("--sft-iters", type=int, default=40, help="fine-tuning steps (default: %(default)s)")
     parser.add_argument("--fresh", action="store_true", help="delete the workdir first")
 
 
@@ -71,6 +77,32 @@ def split_by_language(corpus: Path, out_dir: Path) -> List[Path]:
             handle.write("\n".join(lines[name]) + "\n")
         print(f"{path}: {len(lines[name])} documents")
     return list(parts.values())
+
+
+_NOISE = re.compile(r"https?://\S+|www\.\S+|\S+@\S+\.\w+|\+?\d[\d\s-]{7,}\d")
+POLISH_INSTRUCTION = "Polish the text: remove links, e-mail addresses and phone numbers; keep every fact."
+
+
+def polishing_pairs(corpus: Path, output: Path, max_chars: int = 160) -> int:
+    """Write SFT pairs (prompt: a document's start, response: it without links, e-mails and phone numbers).
+
+    A rule-based stand-in for the expert annotations of the alignment pipeline, so the demo can show the
+    worker-training format end to end; returns the number of pairs written.
+    """
+    from megalign.data.jsonl import iter_records
+    from megalign.utils.atomic import atomic_write
+
+    lines = []
+    for _, record in iter_records(str(corpus), ("text",)):
+        original = record["text"][:max_chars]
+        polished = " ".join(_NOISE.sub(" ", original).split())
+        lines.append(json.dumps({"system": POLISH_INSTRUCTION, "prompt": original, "response": polished},
+                                ensure_ascii=False))
+    output.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_write(output) as handle:
+        handle.write("\n".join(lines) + "\n")
+    print(f"{output}: {len(lines)} (original, polished) pairs")
+    return len(lines)
 
 
 def show_datasets(data_prefixes: List[str], tokenizer_model: Path, cache_dir: Path, sequence_length: int) -> None:
@@ -159,11 +191,29 @@ def main(args: argparse.Namespace) -> int:
                   "--split", "90,10,0", "--tokenizer-type", "SentencePieceTokenizer",
                   "--tokenizer-model", str(tokenizer_model), "--data-cache-path", str(workdir / "index_cache"),
                   "--save", str(checkpoints), "--log-interval", "20", "--eval-interval", str(half),
-                  "--eval-iters", "2", "--seed", "1234"]
+                  "--eval-iters", "2", "--seed", "1234", "--recompute-granularity", "selective",
+                  "--tensorboard-dir", str(workdir / "tensorboard")]
     _run("train", [*train_args, "--train-iters", str(half)])
 
     _step("6. Resume from the checkpoint and finish the run (model, optimizer, schedule, data position)")
     _run("train", [*train_args, "--train-iters", str(args.train_iters), "--load", str(checkpoints)])
+    print(f"TensorBoard events: {workdir / 'tensorboard'} (view with: tensorboard --logdir {workdir / 'tensorboard'})")
+
+    _step("7. Supervised fine-tuning in the alignment worker's format (loss on the replies only)")
+    polishing_pairs(corpus, workdir / "sft" / "pairs.jsonl")
+    _run("preprocess", ["--sft", "--input", str(workdir / "sft" / "pairs.jsonl"), "--output-prefix",
+                        str(workdir / "sft" / "pairs"), "--tokenizer-type", "SentencePieceTokenizer",
+                        "--tokenizer-model", str(tokenizer_model), "--workers", str(args.workers)])
+    worker = workdir / "worker_checkpoints"
+    if worker.exists():
+        shutil.rmtree(worker)
+    _run("train", ["--sft", "--model-preset", "tiny", "--seq-length", "256", "--micro-batch-size", "4",
+                   "--global-batch-size", "8", "--lr", "3e-3", "--lr-warmup-iters", "4", "--train-iters",
+                   str(args.sft_iters), "--data-path", str(workdir / "sft" / "pairs_sft_document"), "--split",
+                   "90,10,0", "--tokenizer-type", "SentencePieceTokenizer", "--tokenizer-model", str(tokenizer_model),
+                   "--data-cache-path", str(workdir / "index_cache"), "--load", str(checkpoints), "--finetune",
+                   "--save", str(worker), "--log-interval", "10", "--eval-interval", str(args.sft_iters),
+                   "--eval-iters", "2", "--seed", "1234"])
 
     print(f"\ndemo finished in {time.perf_counter() - started:.1f}s; outputs in {workdir}/", flush=True)
     return 0

@@ -23,7 +23,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 import numpy
 import torch
 
-from megalign.data.index_cache import ArraySpec, IndexCache, description_hash
+from megalign.data.index_cache import ArraySpec, IndexCache, description_hash, split_description
 from megalign.data.index_helpers import GPTIndexPlan, SampleReader, build_gpt_indices, plan_gpt_indices, summarize_lengths
 from megalign.data.indexed_dataset import IndexedDataset
 from megalign.errors import ConfigError, DataFormatError
@@ -231,11 +231,7 @@ class GPTDataset(torch.utils.data.Dataset):
         self.summary = summarize_lengths(lengths, begin, end)
         self.drop_last_partial_sequence = index_split != Split.valid or config.drop_last_partial_validation_sequence
         self.description: Dict[str, Any] = {
-            "class": type(self).__name__,
-            "dataset_path": self.dataset_path,
-            "index_split": index_split.name,
-            "document_range": [begin, end],
-            "num_samples": self.num_samples,
+            **split_description(self, self.dataset_path, index_split.name, (begin, end), self.num_samples),
             "random_seed": int(config.random_seed),
             "sequence_length": int(config.sequence_length),
             "add_extra_token_to_sequence": config.add_extra_token_to_sequence,

@@ -69,6 +69,13 @@ class ArraySpec:
         return self.check(array) if self.check is not None else None
 
 
+def split_description(dataset: object, dataset_path: str, index_split_name: str, document_range: Tuple[int, int],
+                      num_samples: int) -> Dict[str, Any]:
+    """The fields every split dataset's description starts with (its class, file, split and size)."""
+    return {"class": type(dataset).__name__, "dataset_path": dataset_path, "index_split": index_split_name,
+            "document_range": list(document_range), "num_samples": num_samples}
+
+
 def description_hash(description: Dict[str, Any]) -> str:
     """MD5 hex digest of the canonical JSON of `description` (sorted keys, no whitespace)."""
     canonical = json.dumps(description, sort_keys=True, separators=(",", ":"), ensure_ascii=True)

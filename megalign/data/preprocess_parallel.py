@@ -3,8 +3,9 @@
 The input is cut into contiguous work units (byte ranges at line starts of plain files; whole
 compressed files, or line ranges of them when there are fewer files than workers). Each worker
 process reads its units itself, tokenizes records in batches and writes one partial dataset per
-unit and JSON key; megalign.data.preprocess merges them in unit order, so the result does not depend
-on the number of workers. Only small messages (units, progress counts, results) cross processes.
+unit and JSON key (with --sft: per unit, a tokens and a loss-mask dataset, see megalign.data.sft);
+megalign.data.preprocess merges them in unit order, so the result does not depend on the number of
+workers. Only small messages (units, progress counts, results) cross processes.
 """
 from __future__ import annotations
 
@@ -16,13 +17,14 @@ import queue
 import signal
 import traceback
 from dataclasses import dataclass, field
-from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy
 
 from megalign.data.fast_bpe import byte_level_bpe_encoder
 from megalign.data.indexed_dataset import IndexedDatasetBuilder
 from megalign.data.jsonl import RecordProblem, compression_of, count_lines, is_blank, iter_lines, parse_record
+from megalign.data.sft import LOSS_MASK_SUFFIX, SFT_KEY, conversation_from_record, tokenize_conversations
 from megalign.data.tokenizers import Tokenizer, build_tokenizer
 from megalign.errors import BadRecordError, ConfigError, DataFormatError, MegalignError, TokenizerError
 from megalign.utils.progress import ProgressMeter
@@ -129,6 +131,13 @@ class Job:
     skip_bad_records: bool
     work_dir: str
     dtype: str
+    sft: bool = False  # records are conversations (megalign.data.sft): tokens and a loss mask, no json_keys
+
+    def part_dtypes(self) -> Dict[str, str]:
+        """The partial datasets of each unit: part key -> dtype name (SFT: tokens and a uint8 loss mask)."""
+        if self.sft:
+            return {SFT_KEY: self.dtype, SFT_KEY + LOSS_MASK_SUFFIX: "uint8"}
+        return dict.fromkeys(self.json_keys, self.dtype)
 
 
 @dataclass
@@ -154,6 +163,7 @@ class UnitResult:
     bad_counts: Dict[str, int] = field(default_factory=dict)
     bad_examples: List[BadLine] = field(default_factory=list)
     fatal: Optional[BadLine] = None
+    loss_tokens: int = 0  # SFT: tokens with loss mask 1
     fast_path: bool = False  # tokenized by megalign.data.fast_bpe rather than the tokenizer's encode_batch
 
 
@@ -218,7 +228,7 @@ class _Batch:
     """Records waiting to be tokenized, with where each came from."""
 
     def __init__(self) -> None:
-        self.records: List[dict] = []
+        self.records: List[Any] = []  # dicts, or conversations with --sft
         self.locations: List[Tuple[Optional[int], Optional[int]]] = []
         self.bytes = 0
 
@@ -232,15 +242,15 @@ class _UnitProcessor:
         self.tokenizer: Tokenizer = build_tokenizer(job.tokenizer_type, job.tokenizer_model, vocab_size=job.vocab_size)
         self.encode_batch = batch_encoder(self.tokenizer)
         self.fast_path = self.encode_batch != self.tokenizer.encode_batch
-        self.dtype = numpy.dtype(job.dtype)
 
     def run(self, unit: WorkUnit) -> UnitResult:
         """Tokenize one unit into its partial datasets (one per key); stop at a bad line unless skipping."""
         job = self.job
-        result = UnitResult(unit.index, tokens=dict.fromkeys(job.json_keys, 0), empty=dict.fromkeys(job.json_keys, 0),
+        parts = job.part_dtypes()
+        result = UnitResult(unit.index, tokens=dict.fromkeys(parts, 0), empty=dict.fromkeys(parts, 0),
                             fast_path=self.fast_path)
-        builders = {key: IndexedDatasetBuilder(part_prefix(job.work_dir, unit.index, key), self.dtype)
-                    for key in job.json_keys}
+        builders = {key: IndexedDatasetBuilder(part_prefix(job.work_dir, unit.index, key), dtype)
+                    for key, dtype in parts.items()}
         reader = _UnitReader(unit)
         batch = _Batch()
         reported = 0
@@ -251,7 +261,8 @@ class _UnitProcessor:
                 if is_blank(raw):
                     continue
                 try:
-                    batch.records.append(parse_record(raw, job.json_keys))
+                    record = parse_record(raw, job.json_keys)
+                    batch.records.append(conversation_from_record(record) if job.sft else record)
                     batch.locations.append((offset, line_number))
                 except RecordProblem as problem:
                     self._bad_line(result, BadLine(unit.path, offset, line_number, problem.reason, problem.detail))
@@ -278,33 +289,43 @@ class _UnitProcessor:
         if len(result.bad_examples) < MAX_EXAMPLES:
             result.bad_examples.append(bad)
 
-    def _encode(self, unit: WorkUnit, batch: _Batch, key: str, result: UnitResult) -> List[List[int]]:
-        """encode_batch; a text the tokenizer refuses stops the run, named by FILE:LINE and key."""
-        texts = [record[key] for record in batch.records]
+    def _encode(self, unit: WorkUnit, batch: _Batch, result: UnitResult, what: str, items: List[Any],
+                encode_many: Callable[[List[Any]], List[Any]]) -> List[Any]:
+        """encode_many(items); an item the tokenizer refuses stops the run, named by FILE:LINE and `what`."""
         try:
-            return self.encode_batch(texts) if texts else []
+            return encode_many(items) if items else []
         except TokenizerError:
-            for text, (offset, line_number) in zip(texts, batch.locations):
+            for item, (offset, line_number) in zip(items, batch.locations):
                 try:
-                    self.tokenizer.encode(text)
+                    encode_many([item])
                 except TokenizerError as error:
-                    result.fatal = BadLine(unit.path, offset, line_number, "tokenizer_error", f"key '{key}': {error}")
+                    result.fatal = BadLine(unit.path, offset, line_number, "tokenizer_error", f"{what}: {error}")
                     raise _Fatal() from None
             raise
 
     def _flush(self, unit: WorkUnit, batch: _Batch, builders: Dict[str, IndexedDatasetBuilder],
                result: UnitResult, consumed: int, reported: int) -> int:
         """Tokenize a batch into the builders and report progress; returns the disk bytes reported so far."""
+        tokens = (self._write_sft if self.job.sft else self._write_keys)(unit, batch, builders, result)
+        result.documents += len(batch.records)
+        self.report({"in_bytes": consumed - reported, "docs": len(batch.records), "tokens": tokens,
+                     "bytes": batch.bytes})
+        return consumed
+
+    def _write_keys(self, unit: WorkUnit, batch: _Batch, builders: Dict[str, IndexedDatasetBuilder],
+                    result: UnitResult) -> int:
+        """One document per record in each key's dataset; returns the tokens written."""
         tokens = 0
         for key, builder in builders.items():
-            encoded = self._encode(unit, batch, key, result)
+            encoded = self._encode(unit, batch, result, f"key '{key}'", [record[key] for record in batch.records],
+                                   self.encode_batch)
             if self.job.append_eod:  # Megatron: EOD only after documents that have tokens
                 eod = self.tokenizer.eod
                 for ids in encoded:
                     if ids:
                         ids.append(eod)
             total = sum(len(ids) for ids in encoded)
-            flat = numpy.fromiter(itertools.chain.from_iterable(encoded), dtype=self.dtype, count=total)
+            flat = numpy.fromiter(itertools.chain.from_iterable(encoded), dtype=builder.dtype, count=total)
             start = 0
             for ids in encoded:
                 if ids:
@@ -315,10 +336,23 @@ class _UnitProcessor:
                     result.empty[key] += 1
             result.tokens[key] += total
             tokens += total
-        result.documents += len(batch.records)
-        self.report({"in_bytes": consumed - reported, "docs": len(batch.records), "tokens": tokens,
-                     "bytes": batch.bytes})
-        return consumed
+        return tokens
+
+    def _write_sft(self, unit: WorkUnit, batch: _Batch, builders: Dict[str, IndexedDatasetBuilder],
+                   result: UnitResult) -> int:
+        """One conversation per record: its tokens and, with the same length, its loss mask."""
+        encoded = self._encode(unit, batch, result, "conversation", batch.records,
+                               lambda items: tokenize_conversations(self.tokenizer, items, self.encode_batch))
+        tokens_builder, mask_builder = builders[SFT_KEY], builders[SFT_KEY + LOSS_MASK_SUFFIX]
+        tokens = 0
+        for ids, mask in encoded:
+            tokens_builder.add_document(numpy.asarray(ids, dtype=tokens_builder.dtype))
+            mask_builder.add_document(numpy.asarray(mask, dtype=numpy.uint8))
+            tokens += len(ids)
+            result.loss_tokens += sum(mask)
+        result.tokens[SFT_KEY] += tokens
+        result.tokens[SFT_KEY + LOSS_MASK_SUFFIX] += tokens
+        return tokens
 
 
 def _describe_failure(error: BaseException) -> Tuple[str, str, str]:

@@ -20,7 +20,7 @@ import hashlib
 import json
 import logging
 import os
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from megalign.errors import ConfigError, TokenizerError
 
@@ -341,6 +341,7 @@ class HuggingFaceTokenizer(Tokenizer):
                               if os.path.isfile(os.path.join(folder, name))]
         config = self._load_config()
         self.chat_template: Optional[str] = self._pick_chat_template(config.get("chat_template"))
+        self._compiled_template: Optional[Tuple[str, Any]] = None  # (source, jinja2 Template) once used
 
         vocab = self._tok.get_vocab(with_added_tokens=True)
         self.vocab_size = max(vocab.values()) + 1 if vocab else 0
@@ -422,13 +423,13 @@ class HuggingFaceTokenizer(Tokenizer):
                            self.model_path)
             return super().apply_chat_template(messages, add_generation_prompt)
 
-        def raise_exception(message: str) -> None:
-            raise TokenizerError(f"chat template of '{self.model_path}': {message}")
-
-        environment = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-        environment.globals["raise_exception"] = raise_exception
         try:
-            return environment.from_string(self.chat_template).render(
+            # compiling costs ~3 ms, rendering a compiled template ~0.02 ms: compile once per template text
+            if self._compiled_template is None or self._compiled_template[0] != self.chat_template:
+                environment = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+                environment.globals["raise_exception"] = self._raise_template_error
+                self._compiled_template = (self.chat_template, environment.from_string(self.chat_template))
+            return self._compiled_template[1].render(
                 messages=list(messages),
                 add_generation_prompt=add_generation_prompt,
                 bos_token=self._text_of(self.bos),
@@ -437,6 +438,10 @@ class HuggingFaceTokenizer(Tokenizer):
             )
         except TemplateError as error:
             raise TokenizerError(f"chat template of '{self.model_path}' failed: {error}") from None
+
+    def _raise_template_error(self, message: str) -> None:
+        """``raise_exception`` inside chat templates."""
+        raise TokenizerError(f"chat template of '{self.model_path}': {message}")
 
     def _text_of(self, token_id: Optional[int]) -> str:
         if token_id is None:

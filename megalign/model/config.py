@@ -11,9 +11,10 @@ from dataclasses import dataclass, fields
 from typing import Any, Dict, Mapping, Optional
 
 from megalign.errors import ConfigError
+from megalign.model.attention_backends import ATTENTION_BACKENDS
 from megalign.ops.rotary import RopeScaling
 
-__all__ = ["ARCHITECTURES", "PRESETS", "ModelConfig", "flops_per_token", "from_hf_config", "parameter_count",
+__all__ = ["ARCHITECTURES", "PRESETS", "ModelConfig", "ModelOptions", "flops_per_token", "from_hf_config", "parameter_count",
            "preset", "to_hf_config"]
 
 LLAMA = "LlamaForCausalLM"
@@ -94,6 +95,40 @@ class ModelConfig:
             return cls(**kwargs)
         except TypeError as exc:  # a required field is missing
             raise ConfigError(f"model config: {exc}") from None
+
+
+@dataclass(frozen=True)
+class ModelOptions:
+    """How a model runs, not what it computes: attention kernel and activation recomputation.
+
+    ``recompute_granularity``: ``"full"`` recomputes whole layers in the backward pass (``recompute_method``
+    ``"uniform"``: every layer, in checkpointed groups of ``recompute_num_layers``; ``"block"``: only the
+    first ``recompute_num_layers`` layers, each on its own); ``"selective"`` recomputes only the attention
+    core (the ``[seq, seq]`` scores), Megatron's default trade-off. None stores every activation.
+    """
+
+    attention_backend: str = "auto"
+    recompute_granularity: Optional[str] = None
+    recompute_method: Optional[str] = None
+    recompute_num_layers: Optional[int] = None
+
+    def __post_init__(self) -> None:
+        if self.attention_backend not in ATTENTION_BACKENDS:
+            raise ConfigError(f"model options: attention_backend={self.attention_backend!r} must be one of "
+                              f"{', '.join(ATTENTION_BACKENDS)}")
+        if self.recompute_granularity not in (None, "full", "selective"):
+            raise ConfigError(f"model options: recompute_granularity={self.recompute_granularity!r} must be "
+                              "full, selective or None")
+        if self.recompute_granularity == "full":
+            if self.recompute_method not in ("uniform", "block"):
+                raise ConfigError(f"model options: recompute_method={self.recompute_method!r} must be uniform or "
+                                  "block with full recomputation")
+            n = self.recompute_num_layers
+            if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+                raise ConfigError(f"model options: recompute_num_layers={n!r} must be a positive integer")
+        elif self.recompute_method is not None or self.recompute_num_layers is not None:
+            raise ConfigError("model options: recompute_method and recompute_num_layers are only used with "
+                              "recompute_granularity='full'")
 
 
 def _rope_scaling_from_dict(data: Any, where: str) -> RopeScaling:

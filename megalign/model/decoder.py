@@ -16,19 +16,20 @@ layer; GPT-2 / Megatron "scaled init"). Norm weights start at 1, biases at 0.
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import List, Optional, Tuple
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from megalign.model.attention import Attention
-from megalign.model.config import ModelConfig
+from megalign.model.config import ModelConfig, ModelOptions
 from megalign.model.mlp import MLP
 from megalign.ops import cross_entropy, rms_norm, rotary_cos_sin
 from megalign.parallel import (ColumnParallelLinear, InitMethod, ParallelContext, VocabParallelEmbedding,
                                column_parallel_linear, init_normal)
 
-__all__ = ["DecoderLayer", "GPTModel", "RMSNorm"]
+__all__ = ["DecoderLayer", "GPTModel", "RMSNorm", "recompute_plan"]
 
 
 class RMSNorm(nn.Module):
@@ -47,10 +48,10 @@ class DecoderLayer(nn.Module):
     """One pre-norm block: attention and MLP, each behind an RMSNorm and added to the residual."""
 
     def __init__(self, config: ModelConfig, context: ParallelContext, init_method: InitMethod,
-                 output_init_method: InitMethod) -> None:
+                 output_init_method: InitMethod, options: ModelOptions = ModelOptions()) -> None:
         super().__init__()
         self.input_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.attention = Attention(config, context, init_method, output_init_method)
+        self.attention = Attention(config, context, init_method, output_init_method, options)
         self.mlp_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = MLP(config, context, init_method, output_init_method)
 
@@ -60,17 +61,39 @@ class DecoderLayer(nn.Module):
         return x + self.mlp(self.mlp_norm(x))
 
 
-class GPTModel(nn.Module):
-    """Decoder-only language model of ``config``'s shape; this rank's shards under ``context``."""
+def recompute_plan(num_layers: int, options: ModelOptions) -> List[Tuple[range, bool]]:
+    """The layer stack as consecutive ``(layers, recomputed)`` runs for :meth:`GPTModel.forward`.
 
-    def __init__(self, config: ModelConfig, context: ParallelContext = ParallelContext()) -> None:
+    A recomputed run stores only its input and runs its layers again in the backward pass (Megatron's
+    full recomputation). ``uniform``: all layers, in runs of ``recompute_num_layers``; ``block``: the first
+    ``recompute_num_layers`` layers one run each, the rest as one ordinary run. Without full recomputation,
+    one ordinary run of all layers.
+    """
+    if options.recompute_granularity != "full":
+        return [(range(num_layers), False)]
+    n = min(options.recompute_num_layers, num_layers)
+    if options.recompute_method == "uniform":
+        return [(range(start, min(start + n, num_layers)), True) for start in range(0, num_layers, n)]
+    plan = [(range(index, index + 1), True) for index in range(n)]
+    return plan + ([(range(n, num_layers), False)] if n < num_layers else [])
+
+
+class GPTModel(nn.Module):
+    """Decoder-only language model of ``config``'s shape; this rank's shards under ``context``.
+
+    ``options`` choose the attention kernel and activation recomputation (they do not change the result).
+    """
+
+    def __init__(self, config: ModelConfig, context: ParallelContext = ParallelContext(),
+                 options: ModelOptions = ModelOptions()) -> None:
         super().__init__()
-        self.config, self.context = config, context
+        self.config, self.context, self.options = config, context, options
         init_method = init_normal(config.init_std)
         output_init_method = init_normal(config.init_std / math.sqrt(2.0 * config.num_layers))
         self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size, context, init_method)
-        self.layers = nn.ModuleList(DecoderLayer(config, context, init_method, output_init_method)
+        self.layers = nn.ModuleList(DecoderLayer(config, context, init_method, output_init_method, options)
                                     for _ in range(config.num_layers))
+        self.recompute_plan = recompute_plan(config.num_layers, options)
         self.final_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.lm_head: Optional[ColumnParallelLinear] = None
         if not config.tie_word_embeddings:
@@ -94,8 +117,12 @@ class GPTModel(nn.Module):
         cos, sin = rotary_cos_sin(positions, config.head_dim, config.rope_theta, config.rope_scaling,
                                   device=tokens.device)
         x = self.embed_tokens(tokens)
-        for layer in self.layers:
-            x = layer(x, cos, sin, segment_ids)
+        recompute = torch.is_grad_enabled()
+        for layers, recomputed in self.recompute_plan:
+            if recomputed and recompute:
+                x = checkpoint(self._run_layers, layers, x, cos, sin, segment_ids, use_reentrant=False)
+            else:
+                x = self._run_layers(layers, x, cos, sin, segment_ids)
         x = self.final_norm(x)
         if self.lm_head is not None:
             logits = self.lm_head(x)
@@ -108,6 +135,12 @@ class GPTModel(nn.Module):
         losses = cross_entropy(logits, labels, reduction="none")
         mask = loss_mask.to(losses.dtype)
         return (losses * mask).sum() / mask.sum().clamp(min=1.0)
+
+    def _run_layers(self, layers: range, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                    segment_ids: Optional[torch.Tensor]) -> torch.Tensor:
+        for index in layers:
+            x = self.layers[index](x, cos, sin, segment_ids)
+        return x
 
     @staticmethod
     def _check_inputs(tokens: torch.Tensor, **others: Optional[torch.Tensor]) -> None:

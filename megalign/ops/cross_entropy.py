@@ -9,18 +9,16 @@ poison a step, and the result is always fp32 whatever the logits dtype.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 __all__ = ["cross_entropy", "cross_entropy_reference"]
 
 _REDUCTIONS = ("mean", "sum", "none")
 
 
-def cross_entropy_reference(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100,
-                            reduction: str = "mean") -> torch.Tensor:
-    """PyTorch reference: the CPU path and the oracle for fused kernels.
-
-    It checks that every non-ignored label is inside the vocabulary (a host sync on a GPU).
-    """
+def _checked_valid_labels(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int, reduction: str,
+                          check_range: bool) -> torch.Tensor:
+    """Validate the arguments (ValueError naming the problem); return the mask of labels that count."""
     if reduction not in _REDUCTIONS:
         raise ValueError(f"cross_entropy: reduction={reduction!r}; use one of {', '.join(_REDUCTIONS)}")
     if logits.shape[:-1] != labels.shape:
@@ -28,13 +26,24 @@ def cross_entropy_reference(logits: torch.Tensor, labels: torch.Tensor, ignore_i
                          f"plus a vocabulary dimension")
     if labels.dtype.is_floating_point or labels.dtype == torch.bool:
         raise ValueError(f"cross_entropy: labels must be an integer tensor, got {labels.dtype}")
-    vocab = logits.shape[-1]
     valid = labels != ignore_index
-    bad = valid & ((labels < 0) | (labels >= vocab))
-    if bool(bad.any()):
-        first = labels[bad].flatten()[0].item()
-        raise ValueError(f"cross_entropy: label {first} is outside the vocabulary [0, {vocab}) "
-                         f"and is not ignore_index={ignore_index}")
+    if check_range:  # a host sync on a GPU
+        vocab = logits.shape[-1]
+        bad = valid & ((labels < 0) | (labels >= vocab))
+        if bool(bad.any()):
+            first = labels[bad].flatten()[0].item()
+            raise ValueError(f"cross_entropy: label {first} is outside the vocabulary [0, {vocab}) "
+                             f"and is not ignore_index={ignore_index}")
+    return valid
+
+
+def cross_entropy_reference(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100,
+                            reduction: str = "mean") -> torch.Tensor:
+    """PyTorch reference: explicit log-sum-exp, the oracle for the fast path and for fused kernels.
+
+    It checks that every non-ignored label is inside the vocabulary (a host sync on a GPU).
+    """
+    valid = _checked_valid_labels(logits, labels, ignore_index, reduction, check_range=True)
     z = logits.float()
     zmax = z.amax(dim=-1, keepdim=True).detach()
     lse = (zmax + torch.log(torch.exp(z - zmax).sum(dim=-1, keepdim=True))).squeeze(-1)
@@ -53,6 +62,18 @@ def cross_entropy(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int 
     """Cross-entropy of ``logits`` ``[..., vocab]`` (any float dtype) against integer ``labels`` ``[...]``.
 
     Returns fp32: per position for ``reduction="none"``, else a scalar (``"sum"``, or ``"mean"`` over
-    the positions whose label is not ``ignore_index``).
+    the positions whose label is not ``ignore_index``, 0 when there are none). Runs torch's fused
+    ``log_softmax`` + ``nll_loss`` kernels on fp32 logits (fewer logits-sized temporaries than the reference);
+    labels outside the vocabulary raise ValueError, except under torch.compile, where the check (a host
+    sync) is left to the kernel.
     """
-    return cross_entropy_reference(logits, labels, ignore_index, reduction)
+    valid = _checked_valid_labels(logits, labels, ignore_index, reduction,
+                                  check_range=not torch.compiler.is_compiling())
+    vocab = logits.shape[-1]
+    flat = F.cross_entropy(logits.float().reshape(-1, vocab), labels.reshape(-1).long(), ignore_index=ignore_index,
+                           reduction="none" if reduction == "none" else "sum")
+    if reduction == "none":
+        return flat.reshape(labels.shape)
+    if reduction == "sum":
+        return flat
+    return flat / valid.sum().clamp(min=1).to(flat.dtype)

@@ -112,13 +112,16 @@ def _json_or_raise(value: Any, what: str) -> Any:
 def save_checkpoint(save_dir: PathLike, step: int, model_state: Mapping[str, torch.Tensor],
                     optimizer_state: Mapping[str, torch.Tensor] | None = None, *,
                     config: Mapping[str, Any] | None = None, consumed_samples: int = 0,
-                    extra: Mapping[str, Any] | None = None, rng: bool = True,
+                    extra: Mapping[str, Any] | None = None,
+                    rng: bool | tuple[dict[str, torch.Tensor], dict[str, str]] = True,
                     keep_last: int | None = None) -> Path:
     """Write checkpoint `step` under `save_dir` atomically and point `latest` at it; returns its path.
 
     `model_state` and `optimizer_state` map global tensor names (e.g. ``decoder.layers.3.mlp.fc1.weight``,
     ``optimizer.exp_avg/decoder.layers.3.mlp.fc1.weight``) to tensors; the two name sets must not overlap.
     `config`, `consumed_samples` and `extra` (scheduler/scaler state, data position) go into metadata.json.
+    `rng`: True captures the generators now; a :func:`capture_rng_state` result taken earlier is saved as
+    given (background saves); False saves none.
     With `keep_last`, older ``iter_*`` directories beyond the newest `keep_last` are deleted (never the one
     just written nor the one ``latest`` pointed to before).
     """
@@ -150,8 +153,8 @@ def save_checkpoint(save_dir: PathLike, step: int, model_state: Mapping[str, tor
                               **_write_safetensors(tmp / model_file, model_state)},
                  optim_file: {"kind": "optimizer", "tensor": 0, "pipeline": 0, "data": 0,
                               **_write_safetensors(tmp / optim_file, optimizer_state)}}
-        if rng:
-            rng_tensors, rng_info = capture_rng_state()
+        if rng is not False:
+            rng_tensors, rng_info = capture_rng_state() if rng is True else rng
             files[rng_file_name(0)] = {"kind": "rng", "rank": 0,
                                        **_write_safetensors(tmp / rng_file_name(0), rng_tensors, rng_info)}
         metadata = {**header, "files": files, "tensors": {name: s.to_json() for name, s in specs.items()}}

@@ -5,9 +5,10 @@ fp32 model the master **is** the parameter: no copy) and an fp32 ``main_grad`` b
 model parameter as ``param.main_grad``. A post-accumulate-grad hook on each model parameter adds the
 freshly computed ``.grad`` (bf16/fp16/fp32) into ``main_grad`` and frees ``.grad``, so gradients of several
 micro-batches are summed in fp32 without the trainer doing anything between backward passes.
-:meth:`step` unscales and checks the main grads through the loss scaler, skips the update on NaN/Inf,
-clips by the global L2 norm, runs ``torch.optim.AdamW`` over the masters and copies them back into the
-model parameters (cast to the model dtype).
+:meth:`step` unscales and checks the main grads through the loss scaler (with nothing to unscale, the
+global norm's finiteness is the check), skips the update on NaN/Inf, clips by the global L2 norm, runs
+``torch.optim.AdamW`` (its fused kernel) over the masters and copies them back into the model parameters
+(cast to the model dtype).
 
 The list :attr:`MixedPrecisionOptimizer.pairs` of :class:`ParamPair` (model param, master param, name) is
 the one seam a sharded (distributed) optimizer replaces. Checkpoint tensors are flat and name-keyed:
@@ -123,9 +124,10 @@ class MixedPrecisionOptimizer:
         except BaseException:
             self.close()  # drop the main_grad buffers already attached
             raise
-        on_cuda = all(pair.master_param.is_cuda for pair in self.pairs)
+        # the fused kernel (one pass over all tensors) exists for CUDA and CPU; other devices use foreach
+        fused = all(pair.master_param.device.type in ("cuda", "cpu") for pair in self.pairs)
         self.inner = torch.optim.AdamW(master_groups, lr=lr, betas=tuple(betas), eps=eps,
-                                       fused=True if on_cuda else None, foreach=None if on_cuda else True)
+                                       fused=True if fused else None, foreach=None if fused else True)
         self._hooks = [pair.model_param.register_post_accumulate_grad_hook(_accumulate_into_main_grad)
                        for pair in self.pairs]
 
@@ -175,17 +177,23 @@ class MixedPrecisionOptimizer:
         Without a scaler the gradients are only checked for NaN/Inf.
         """
         grads = self.main_grads()
-        if loss_scaler is None:
-            found_inf = unscale_and_check(grads)
+        for pair in self.pairs:
+            pair.master_param.grad = pair.model_param.main_grad
+        if loss_scaler is None or loss_scaler.scale_value == 1.0:
+            # nothing to unscale: the global norm (needed for clipping anyway) is finite iff every element is
+            total_norm = torch.nn.utils.get_total_norm(grads, 2.0)
+            found_inf = not bool(torch.isfinite(total_norm))
+            if loss_scaler is not None:
+                loss_scaler.update(found_inf)
         else:
             found_inf = loss_scaler.unscale_and_check(grads)
             loss_scaler.update(found_inf)
+            total_norm = None if found_inf else torch.nn.utils.get_total_norm(grads, 2.0)
         if found_inf:
+            for pair in self.pairs:
+                pair.master_param.grad = None
             return StepResult(skipped=True, grad_norm=None)
-        for pair in self.pairs:
-            pair.master_param.grad = pair.model_param.main_grad
         masters = [pair.master_param for pair in self.pairs]
-        total_norm = torch.nn.utils.get_total_norm(grads, 2.0)
         if self.clip_grad > 0.0:  # torch's rule: scale by min(1, clip / (norm + 1e-6)); x * 1.0 is exact
             torch.nn.utils.clip_grads_with_norm_(masters, self.clip_grad, total_norm)
         num_zeros = sum(int((grad == 0).sum().item()) for grad in grads) if self.count_zeros else None

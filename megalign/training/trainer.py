@@ -8,14 +8,17 @@ not advance the schedule), logs every --log-interval steps, evaluates every --ev
 saves every --save-interval steps and at the end. --load resumes model, optimizer, schedule, loss scale,
 RNG and data position exactly; with --finetune only the weights are loaded. SIGTERM or SIGUSR1 stops
 the run at the next step boundary, after saving a checkpoint when --save is set (exit status 0).
+
+With --sft the data is `preprocess --sft` output: one conversation per sample, the loss only on the
+assistant replies (their loss mask). Logging (console, TensorBoard) lives in step_log.py; --async-save
+writes checkpoints from a background thread (async_save.py).
 """
 from __future__ import annotations
 
 import argparse
-import math
 import sys
-import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Dict, Iterator, List, Optional, TextIO
 
 import torch
@@ -23,13 +26,19 @@ import torch
 from megalign.config import TrainingConfig, add_arguments as add_config_arguments, config_from_namespace
 from megalign.errors import ConfigError, DataFormatError
 from megalign.training import batches
+from megalign.model.attention_backends import check_attention_backend
+from megalign.model.config import flops_per_token
+from megalign.training.async_save import AsyncCheckpointSaver
+from megalign.training.checkpoint_format import iter_dir_name
 from megalign.training.checkpointing import Checkpoint, find_latest_valid, save_checkpoint
 from megalign.training.loss_scale import (ConstantLossScaler, DynamicLossScaler, LossScaler, SkippedStepTracker,
                                           TooManyNonFiniteSteps)
 from megalign.training.lr_schedule import LRSchedule
 from megalign.training.optimizer import MixedPrecisionOptimizer
 from megalign.training.preemption import PreemptionHandler
-from megalign.utils.progress import format_count, format_duration
+from megalign.training.step_log import StepLogger
+from megalign.training.throughput import ThroughputMeter, peak_tflops
+from megalign.utils.progress import format_count
 
 EXAMPLES = """examples:
   megalign train --model-preset tiny --seq-length 128 --micro-batch-size 4 --global-batch-size 8 \\
@@ -38,16 +47,6 @@ EXAMPLES = """examples:
       --save ckpt --save-interval 100 --eval-interval 50 --eval-iters 4 --log-interval 10
   megalign train --config run.yaml --load ckpt --save ckpt      # resume where ckpt stopped
 """
-
-# Flags the loop does not honour yet: (dest, message). Set -> ConfigError at start, never silently ignored.
-_UNSUPPORTED = (
-    ("sft", "--sft (supervised fine-tuning on chat data) is not supported by the trainer yet"),
-    ("recompute_granularity", "--recompute-granularity (activation recomputation) is not supported by the "
-                              "trainer yet; remove --recompute-* or lower --micro-batch-size"),
-    ("tensorboard_dir", "--tensorboard-dir is not supported by the trainer yet; metrics are printed every "
-                        "--log-interval steps"),
-)
-
 
 @dataclass
 class TrainResult:
@@ -64,12 +63,8 @@ class TrainResult:
     preempted_by: Optional[str] = None
 
 
-def check_supported(config: TrainingConfig) -> None:
-    """Raise ConfigError for settings the loop cannot honour yet, and for missing data/tokenizer flags."""
-    values = config.flat()
-    for dest, message in _UNSUPPORTED:
-        if values[dest] not in (None, False):
-            raise ConfigError(message)
+def check_data_flags(config: TrainingConfig) -> None:
+    """Raise ConfigError for missing data/tokenizer flags."""
     if config.data.data_path is None:
         raise ConfigError("--data-path is required for training (prefixes written by `megalign preprocess`)")
     if config.data.tokenizer_type is None:
@@ -98,7 +93,7 @@ class Trainer:
 
     def __init__(self, config: TrainingConfig, stream: TextIO = sys.stdout,
                  device: Optional[torch.device] = None) -> None:
-        check_supported(config)
+        check_data_flags(config)
         self.config, self.stream = config, stream
         self.args = config.as_namespace()
         self.device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -121,6 +116,8 @@ class Trainer:
         if self.checkpoint is not None and not config.checkpointing.finetune:
             self._resume(self.checkpoint)
         self.schedule.apply(self.optimizer)
+        self.async_saver = AsyncCheckpointSaver(lambda path: self._log(f"saved checkpoint {path}")) \
+            if config.checkpointing.async_save else None
 
     # ---- setup ------------------------------------------------------------------------------------------
     def _log(self, text: str) -> None:
@@ -136,17 +133,12 @@ class Trainer:
         return tokenizer, padded
 
     def _build_datasets(self):
-        from megalign.data.dataset_builder import build_gpt_datasets, parse_data_path
-        from megalign.data.gpt_dataset import GPTDatasetConfig
-
         d, eval_iters = self.config.data, self.config.logging.eval_iters
-        dataset_config = GPTDatasetConfig(
-            random_seed=self.config.misc.seed, sequence_length=self.config.model.seq_length,
-            blend=parse_data_path(d.data_path), split=d.split, path_to_cache=d.data_cache_path,
-            eod_token=self.tokenizer.eod, pad_token=self.tokenizer.pad, reset_position_ids=d.reset_position_ids,
-            reset_attention_mask=d.reset_attention_mask, eod_mask_loss=d.eod_mask_loss)
         sizes = [self.train_iters * self.global_batch_size, eval_iters * self.global_batch_size, 0]
-        train, valid, _ = build_gpt_datasets(dataset_config, sizes)
+        if self.config.misc.sft:
+            train, valid = self._build_sft_datasets(sizes)
+        else:
+            train, valid = self._build_gpt_datasets(sizes)
         if train is None:
             raise ConfigError(f"--split {d.split} leaves no documents for training; give the train part a share")
         if eval_iters > 0 and valid is None:
@@ -155,14 +147,53 @@ class Trainer:
         self._log(f"datasets: train {len(train)} samples" + (f", valid {len(valid)} samples" if valid else ""))
         return train, (valid if eval_iters > 0 else None)
 
+    def _build_gpt_datasets(self, sizes: List[int]):
+        """Pre-training: documents packed into --seq-length samples (GPTDataset, blended by weight)."""
+        from megalign.data.dataset_builder import build_gpt_datasets, parse_data_path
+        from megalign.data.gpt_dataset import GPTDatasetConfig
+
+        d = self.config.data
+        dataset_config = GPTDatasetConfig(
+            random_seed=self.config.misc.seed, sequence_length=self.config.model.seq_length,
+            blend=parse_data_path(d.data_path), split=d.split, path_to_cache=d.data_cache_path,
+            eod_token=self.tokenizer.eod, pad_token=self.tokenizer.pad, reset_position_ids=d.reset_position_ids,
+            reset_attention_mask=d.reset_attention_mask, eod_mask_loss=d.eod_mask_loss)
+        train, valid, _ = build_gpt_datasets(dataset_config, sizes)
+        return train, valid
+
+    def _build_sft_datasets(self, sizes: List[int]):
+        """--sft: one conversation per sample, padded or truncated, loss on the assistant replies only."""
+        from megalign.data.sft_dataset import build_sft_datasets, truncation_counts
+
+        d = self.config.data
+        train, valid, _ = build_sft_datasets(d.data_path, d.split, sizes, self.config.model.seq_length,
+                                             self.config.misc.seed, self.tokenizer.pad, self.tokenizer.eod)
+        truncated, without_loss, total = truncation_counts(train)
+        if truncated:
+            self._log(f"warning: {truncated} of {total} training conversations are longer than --seq-length "
+                      f"{self.config.model.seq_length} and were truncated ({without_loss} lost every reply token)")
+        return train, valid
+
     def _build_model(self, vocab_size: int) -> torch.nn.Module:
         from megalign.model import GPTModel
 
-        model_config = self.config.model_config(vocab_size=vocab_size)
-        model = GPTModel(model_config).to(device=self.device, dtype=_model_dtype(self.config))
+        model_config, options, dtype = self.config.model_config(vocab_size=vocab_size), self.config.model_options(), \
+            _model_dtype(self.config)
+        backend = check_attention_backend(options.attention_backend, self.device, dtype)
+        model = GPTModel(model_config, options=options).to(device=self.device, dtype=dtype)
         count = sum(p.numel() for p in model.parameters())
+        recompute = options.recompute_granularity or "none"
+        if options.recompute_granularity == "full":
+            recompute += f" ({options.recompute_method}, {options.recompute_num_layers} layers)"
         self._log(f"model: {format_count(count)} parameters, {model_config.num_layers} layers, hidden "
-                  f"{model_config.hidden_size}, dtype {_model_dtype(self.config)}, device {self.device}")
+                  f"{model_config.hidden_size}, dtype {dtype}, device {self.device}, attention {backend}, "
+                  f"recompute {recompute}")
+        if self.config.misc.torch_compile:
+            for layer in model.layers:  # per layer (as torchtitan does): compiles once, reused by every layer
+                layer.compile()
+            self._log("torch.compile: decoder layers compile on the first step")
+        self.flops_per_token = flops_per_token(model_config, self.config.model.seq_length)
+        self.vocab_size = model_config.vocab_size
         return model
 
     def _open_checkpoint(self) -> Optional[Checkpoint]:
@@ -213,6 +244,12 @@ class Trainer:
 
     # ---- the loop ---------------------------------------------------------------------------------------
     def _forward_loss(self, batch: Dict[str, torch.Tensor]) -> torch.Tensor:
+        tokens = batch["tokens"]
+        if int(tokens.max()) >= self.vocab_size or int(tokens.min()) < 0:
+            bad = int(tokens.max()) if int(tokens.max()) >= self.vocab_size else int(tokens.min())
+            raise DataFormatError(f"--data-path {' '.join(self.config.data.data_path)}: token id {bad} is outside "
+                                  f"the model's vocabulary of {self.vocab_size}; the data was tokenized with "
+                                  "another tokenizer than --tokenizer-model (or --vocab-size is too small)")
         return self.model(**batches.model_inputs(batch, self.device))
 
     def train_step(self, micro: List[Dict[str, torch.Tensor]]):
@@ -240,13 +277,20 @@ class Trainer:
         return float(torch.stack(losses).mean().item())
 
     def save(self) -> str:
-        """Write a checkpoint of the current step to --save; returns its path."""
+        """Checkpoint the current step to --save (in the background with --async-save); returns its path."""
         c = self.config.checkpointing
         extra = {"lr_schedule": self.schedule.state_dict(), "loss_scaler": self.scaler.state_dict(),
                  "skipped_steps": self.tracker.state_dict(), "optimizer": self.optimizer.state_dict_json()}
+        metadata = dict(config=self.config.to_dict(), consumed_samples=self.consumed_samples, extra=extra,
+                        keep_last=c.keep_last)
+        if self.async_saver is not None:
+            self.async_saver.submit(c.save, self.iteration, self.model.state_dict(),
+                                    self.optimizer.state_dict_tensors(), **metadata)
+            path = Path(c.save) / iter_dir_name(self.iteration)
+            self._log(f"saving checkpoint {path} in the background")
+            return str(path)
         path = save_checkpoint(c.save, self.iteration, self.model.state_dict(), self.optimizer.state_dict_tensors(),
-                               config=self.config.to_dict(), consumed_samples=self.consumed_samples, extra=extra,
-                               keep_last=c.keep_last)
+                               **metadata)
         self._log(f"saved checkpoint {path}")
         return str(path)
 
@@ -254,45 +298,52 @@ class Trainer:
         """Train to --train-iters (or to step ``stop_after``, saving there like Megatron's --exit-interval).
 
         SIGTERM/SIGUSR1 (handled while this runs in the main thread) end the loop after the current step,
-        saving a checkpoint there when --save is set.
+        saving a checkpoint there when --save is set. Returns once every checkpoint is on disk.
         """
-        with PreemptionHandler() as preemption:
-            result = self._loop(stop_after, preemption)
+        log_cfg = self.config.logging
+        logger = StepLogger(self.stream, self.device, self._throughput_meter(),
+                            self.global_batch_size * self.config.model.seq_length, self.global_batch_size,
+                            self.train_iters, log_cfg.log_interval, log_cfg.tensorboard_dir,
+                            log_cfg.tensorboard_log_interval)
+        try:
+            with PreemptionHandler() as preemption:
+                result = self._loop(stop_after, preemption, logger)
+        finally:
+            logger.close()
+            if self.async_saver is not None:
+                self.async_saver.wait()
         result.iteration, result.consumed_samples = self.iteration, self.consumed_samples
         return result
 
-    def _loop(self, stop_after: Optional[int], preemption: PreemptionHandler) -> TrainResult:
+    def _throughput_meter(self) -> ThroughputMeter:
+        peak = peak_tflops(self.device, _model_dtype(self.config), self.config.logging.peak_tflops)
+        return ThroughputMeter(self.flops_per_token, peak)
+
+    def _loop(self, stop_after: Optional[int], preemption: PreemptionHandler, logger: StepLogger) -> TrainResult:
         c, log_cfg = self.config.checkpointing, self.config.logging
         last = self.train_iters if stop_after is None else min(stop_after, self.train_iters)
         result = TrainResult(self.iteration, self.consumed_samples)
         stream: Iterator[Dict[str, torch.Tensor]] = batches.micro_batches(
             self.train_data, self.consumed_samples, self.config.optimization.micro_batch_size)
-        tokens_per_step = self.global_batch_size * self.config.model.seq_length
-        window = _Window()
-        started, first = time.monotonic(), self.iteration
         while self.iteration < last:
             lr = self.schedule.current_lr  # the rate this step uses
             loss, step = self.train_step(batches.take(stream, self.num_microbatches, "training"))
             self.iteration += 1
             self.consumed_samples += self.global_batch_size
             result.losses[self.iteration] = loss
-            window.add(loss, step.grad_norm, step.skipped)
+            logger.step(self.iteration, loss, lr, step.grad_norm, step.skipped, self.scaler.scale_value,
+                        force=self.iteration == last)
             try:
                 self.tracker.record(step.skipped, self.iteration, self.scaler.scale_value)
             except TooManyNonFiniteSteps:
                 if c.save is not None:
                     result.checkpoint = self.save()
                 raise
-            if self.iteration % log_cfg.log_interval == 0 or self.iteration == last:
-                elapsed = time.monotonic() - started
-                done = self.iteration - first
-                self._log(window.line(self.iteration, self.train_iters, lr,
-                                      self.scaler.scale_value, tokens_per_step * done / max(elapsed, 1e-9),
-                                      elapsed / done * (self.train_iters - self.iteration)))
-                window = _Window()
             if self.valid_data is not None and (self.iteration % log_cfg.eval_interval == 0
                                                 or self.iteration == self.train_iters):
-                result.evaluations[self.iteration] = self._report_eval()
+                loss = self.evaluate()
+                result.evaluations[self.iteration] = loss
+                logger.validation(self.iteration, loss)
             saved_now = c.save is not None and (bool(c.save_interval and self.iteration % c.save_interval == 0)
                                                 or self.iteration == last)
             if saved_now:
@@ -311,43 +362,18 @@ class Trainer:
             return
         if not saved_now:
             result.checkpoint = self.save()
+        if self.async_saver is not None:
+            self.async_saver.wait()
         self._log(f"received {name}: saved checkpoint {result.checkpoint} at step {self.iteration}, exiting "
                   f"(resume with --load {self.config.checkpointing.save})")
 
-    def _report_eval(self) -> float:
-        loss = self.evaluate()
-        perplexity = math.exp(loss) if loss < 700 else math.inf
-        self._log(f"validation at step {self.iteration} | loss {loss:.6f} | perplexity {perplexity:.3f}")
-        return loss
-
     def close(self) -> None:
-        """Detach the optimizer's gradient hooks and close the checkpoint."""
+        """Finish a background save, detach the optimizer's gradient hooks and close the checkpoint."""
+        if self.async_saver is not None:
+            self.async_saver.wait()
         self.optimizer.close()
         if self.checkpoint is not None:
             self.checkpoint.close()
-
-
-class _Window:
-    """Metrics accumulated between two log lines."""
-
-    def __init__(self) -> None:
-        self.losses: List[float] = []
-        self.norms: List[float] = []
-        self.skipped = 0
-
-    def add(self, loss: float, grad_norm: Optional[float], skipped: bool) -> None:
-        if skipped:
-            self.skipped += 1
-        else:
-            self.losses.append(loss)
-            self.norms.append(grad_norm if grad_norm is not None else math.nan)
-
-    def line(self, step: int, total: int, lr: float, scale: float, tokens_per_s: float, eta: float) -> str:
-        mean = sum(self.losses) / len(self.losses) if self.losses else math.nan
-        norm = sum(self.norms) / len(self.norms) if self.norms else math.nan
-        return (f"step {step}/{total} | loss {mean:.6f} | lr {lr:.4e} | grad norm {norm:.4f} | "
-                f"loss scale {scale:g} | skipped {self.skipped} | {format_count(tokens_per_s)} tokens/s | "
-                f"ETA {format_duration(eta)}")
 
 
 def train(config: TrainingConfig, stream: TextIO = sys.stdout, stop_after: Optional[int] = None) -> TrainResult:

@@ -15,13 +15,23 @@ def test_demo_runs_end_to_end(tmp_path: Path, repo_root: Path) -> None:
     assert result.returncode == 0, result.stderr[-3000:]
     out = result.stdout
     for step in ("1. Train a tokenizer", "2. Split the corpus", "3. Merge", "4. Blended GPT datasets",
-                 "5. Train the tiny", "6. Resume", "resumed at step 60", "training finished at step 120", "demo finished"):
+                 "5. Train the tiny", "6. Resume", "resumed at step 60", "training finished at step 120",
+                 "7. Supervised fine-tuning", "400 conversations", "loaded weights from", "training finished at step 40",
+                 "demo finished"):
         assert step in out
     assert (workdir / "tokenizer" / "tokenizer.model").is_file()
     for name in ("arabic_text_document", "english_text_document", "all_text_document"):
         assert (workdir / "data" / f"{name}.bin").is_file() and (workdir / "data" / f"{name}.idx").is_file()
     assert "train[0]: 128 tokens" in out
     assert (workdir / "checkpoints" / "iter_0000120" / "metadata.json").is_file()
+    assert (workdir / "worker_checkpoints" / "iter_0000040" / "metadata.json").is_file()
+    assert "recompute selective" in out
+    from megalign.utils.tensorboard import read_scalars
+
+    events = sorted((workdir / "tensorboard").glob("events.out.tfevents.*"))
+    assert len(events) == 2  # the first run and the resumed one
+    steps = sorted(step for path in events for tag, step, _ in read_scalars(path) if tag == "lm loss")
+    assert steps == list(range(1, 121))
 
     from megalign.data.indexed_dataset import IndexedDataset
 

@@ -56,7 +56,7 @@ def test_fp32_steps_match_torch_adamw_bitwise() -> None:
     reference = copy.deepcopy(model)
     opt = MixedPrecisionOptimizer(param_groups_for(model, 0.1), lr=1e-3, betas=(0.9, 0.95), eps=1e-8)
     ref_groups = [{"params": g["params"], "weight_decay": g["weight_decay"]} for g in param_groups_for(reference, 0.1)]
-    ref_opt = torch.optim.AdamW(ref_groups, lr=1e-3, betas=(0.9, 0.95), eps=1e-8, foreach=True)
+    ref_opt = torch.optim.AdamW(ref_groups, lr=1e-3, betas=(0.9, 0.95), eps=1e-8, fused=True)
     assert all(pair.master_param is pair.model_param for pair in opt.pairs)  # fp32: no copy
     for tokens, labels in _token_batches(4):
         opt.zero_grad()
@@ -110,7 +110,7 @@ def test_clipping_matches_clip_grad_norm() -> None:
     model, loss_fn = _regression()
     reference, ref_loss_fn = _regression()  # same seed: identical weights and data
     opt = MixedPrecisionOptimizer(param_groups_for(model, 0.0), lr=1e-2, clip_grad=0.05, count_zeros=True)
-    ref_opt = torch.optim.AdamW(reference.parameters(), lr=1e-2, weight_decay=0.0, foreach=True)
+    ref_opt = torch.optim.AdamW(reference.parameters(), lr=1e-2, weight_decay=0.0, fused=True)
     opt.zero_grad()
     loss_fn(0).backward()
     result = opt.step()
