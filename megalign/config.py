@@ -29,7 +29,7 @@ from megalign.model.config import ModelConfig, ModelOptions, preset
 from megalign.training.lr_schedule import LRSchedule
 
 __all__ = ["CheckpointingSection", "DataSection", "LoggingSection", "MiscSection", "ModelSection",
-           "OptimizationSection", "PrecisionSection", "RecomputeSection", "TrainingConfig", "add_arguments",
+           "OptimizationSection", "ParallelSection", "PrecisionSection", "RecomputeSection", "TrainingConfig", "add_arguments",
            "build_parser", "config_from_namespace", "flags_markdown", "load_config", "read_yaml"]
 
 _TYPES = {"int": Optional[int], "float": Optional[float], "str": Optional[str], "bool": bool,
@@ -39,7 +39,18 @@ _MODEL_FIELDS = {"num_layers": "num_layers", "hidden_size": "hidden_size", "ffn_
                  "num_attention_heads": "num_attention_heads", "num_query_groups": "num_key_value_heads",
                  "max_position_embeddings": "max_position_embeddings", "rotary_base": "rope_theta",
                  "vocab_size": "vocab_size", "norm_epsilon": "rms_norm_eps", "init_method_std": "init_std"}
-DATA_PARALLEL_SIZE = 1  # until the parallelism work lands
+
+
+def world_size_from_environment() -> int:
+    """The number of processes of this job: torchrun's WORLD_SIZE, 1 without a launcher."""
+    value = os.environ.get("WORLD_SIZE", "1")
+    try:
+        size = int(value)
+    except ValueError:
+        raise ConfigError(f"environment variable WORLD_SIZE={value!r} is not an integer") from None
+    if size < 1:
+        raise ConfigError(f"environment variable WORLD_SIZE={size} must be >= 1")
+    return size
 
 
 def _section_class(key: str, title: str) -> type:
@@ -60,6 +71,7 @@ DataSection = _SECTION_CLASSES["data"]
 OptimizationSection = _SECTION_CLASSES["optimization"]
 PrecisionSection = _SECTION_CLASSES["precision"]
 RecomputeSection = _SECTION_CLASSES["recompute"]
+ParallelSection = _SECTION_CLASSES["parallel"]
 CheckpointingSection = _SECTION_CLASSES["checkpointing"]
 LoggingSection = _SECTION_CLASSES["logging"]
 MiscSection = _SECTION_CLASSES["misc"]
@@ -74,6 +86,7 @@ class TrainingConfig:
     optimization: Any = field(default_factory=OptimizationSection)
     precision: Any = field(default_factory=PrecisionSection)
     recompute: Any = field(default_factory=RecomputeSection)
+    parallel: Any = field(default_factory=ParallelSection)
     checkpointing: Any = field(default_factory=CheckpointingSection)
     logging: Any = field(default_factory=LoggingSection)
     misc: Any = field(default_factory=MiscSection)
@@ -122,8 +135,23 @@ class TrainingConfig:
     # ---- derived values -----------------------------------------------------------------------------------
     @property
     def data_parallel_size(self) -> int:
-        """Data-parallel replicas (1 until the parallelism work lands)."""
-        return DATA_PARALLEL_SIZE
+        """Data-parallel replicas: world size (torchrun's WORLD_SIZE) / (TP x PP)."""
+        p = self.parallel
+        return max(1, self.world_size // (p.tensor_model_parallel_size * p.pipeline_model_parallel_size))
+
+    @property
+    def world_size(self) -> int:
+        """Processes in this job (torchrun's WORLD_SIZE; 1 without a launcher)."""
+        return world_size_from_environment()
+
+    @property
+    def num_model_chunks(self) -> int:
+        """Model chunks per pipeline rank: 1, or more with --num-layers-per-virtual-pipeline-stage."""
+        p, layers = self.parallel, self._model_fields(None if (self.model.model_preset or self.model.vocab_size)
+                                                      else 1)["num_layers"]
+        if p.num_layers_per_virtual_pipeline_stage is None:
+            return 1
+        return layers // p.pipeline_model_parallel_size // p.num_layers_per_virtual_pipeline_stage
 
     @property
     def global_batch_size(self) -> int:
@@ -193,15 +221,12 @@ class TrainingConfig:
             if values[first] != FLAGS_BY_DEST[first].default and values[second] != FLAGS_BY_DEST[second].default:
                 raise ConfigError(f"{FLAGS_BY_DEST[first].name} and {FLAGS_BY_DEST[second].name} cannot be used "
                                   "together; give only one")
-        for dest in ("tensor_model_parallel_size", "pipeline_model_parallel_size"):
-            if values[dest] > 1:
-                raise ConfigError(f"{FLAGS_BY_DEST[dest].name} {values[dest]}: tensor and pipeline parallelism "
-                                  "arrive with the parallelism work; use 1 for now")
         for dest in ("seq_length", "micro_batch_size", "lr"):
             if values[dest] is None:
                 raise ConfigError(f"{FLAGS_BY_DEST[dest].name} is required")
         if values["train_iters"] is None and values["train_samples"] is None:
             raise ConfigError("give --train-iters or --train-samples (how long to train)")
+        self._validate_parallel_layout()
         self._validate_batch()
         self._validate_model()
         self._validate_optimization()
@@ -211,12 +236,51 @@ class TrainingConfig:
         self._validate_logging()
         self._validate_data()
 
+    def _validate_parallel_layout(self) -> None:
+        """World size vs TP x PP, heads and KV heads vs TP, layers vs pipeline stages, the interleaved schedule."""
+        from megalign.parallel.pipeline import stage_layer_ranges
+        from megalign.parallel.state import rank_layout
+
+        p = self.parallel
+        tp, pp = p.tensor_model_parallel_size, p.pipeline_model_parallel_size
+        rank_layout(self.world_size, tp, pp)
+        if p.sequence_parallel and tp == 1:
+            raise ConfigError("--sequence-parallel needs --tensor-model-parallel-size > 1")
+        fields_ = self._model_fields(None if (self.model.model_preset or self.model.vocab_size) else 1)
+        heads, groups, layers = fields_["num_attention_heads"], fields_["num_key_value_heads"], fields_["num_layers"]
+        if heads % tp:
+            raise ConfigError(f"--tensor-model-parallel-size {tp} must divide --num-attention-heads {heads}")
+        if groups % tp and tp % groups:
+            raise ConfigError(f"--tensor-model-parallel-size {tp} must divide --num-query-groups {groups} (or be a "
+                              "multiple of it: each rank then keeps a copy of one key/value head)")
+        uneven = p.decoder_first_pipeline_num_layers is not None or p.decoder_last_pipeline_num_layers is not None
+        if uneven and pp == 1:
+            raise ConfigError("--decoder-first/last-pipeline-num-layers need --pipeline-model-parallel-size > 1")
+        chunks = 1
+        if p.num_layers_per_virtual_pipeline_stage is not None:
+            if pp == 1:
+                raise ConfigError("--num-layers-per-virtual-pipeline-stage needs --pipeline-model-parallel-size > 1")
+            if uneven:
+                raise ConfigError("--num-layers-per-virtual-pipeline-stage cannot be combined with "
+                                  "--decoder-first/last-pipeline-num-layers")
+            if layers % pp or (layers // pp) % p.num_layers_per_virtual_pipeline_stage:
+                raise ConfigError(f"--num-layers {layers} / --pipeline-model-parallel-size {pp} must be a multiple of "
+                                  f"--num-layers-per-virtual-pipeline-stage {p.num_layers_per_virtual_pipeline_stage}")
+            chunks = layers // pp // p.num_layers_per_virtual_pipeline_stage
+        stage_layer_ranges(layers, pp * chunks, p.decoder_first_pipeline_num_layers,
+                           p.decoder_last_pipeline_num_layers)
+
     def _validate_batch(self) -> None:
         opt = self.optimization
         unit = opt.micro_batch_size * self.data_parallel_size
         if self.global_batch_size % unit:
             raise ConfigError(f"--global-batch-size {self.global_batch_size} must be divisible by --micro-batch-size "
                               f"{opt.micro_batch_size} x data-parallel size {self.data_parallel_size}")
+        p = self.parallel
+        if p.num_layers_per_virtual_pipeline_stage is not None and self.num_microbatches % p.pipeline_model_parallel_size:
+            raise ConfigError(f"the interleaved schedule needs the micro-batches per step ({self.num_microbatches} = "
+                              f"--global-batch-size / (--micro-batch-size x data-parallel size)) to be a multiple of "
+                              f"--pipeline-model-parallel-size {p.pipeline_model_parallel_size}")
         if opt.train_samples is not None and opt.train_samples < self.global_batch_size:
             raise ConfigError(f"--train-samples {opt.train_samples} must be at least --global-batch-size "
                               f"{self.global_batch_size} (one optimizer step)")

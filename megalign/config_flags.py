@@ -49,6 +49,7 @@ SECTIONS: Tuple[Tuple[str, str], ...] = (
     ("optimization", "Optimization"),
     ("precision", "Mixed precision"),
     ("recompute", "Activation recomputation"),
+    ("parallel", "Parallelism"),
     ("checkpointing", "Checkpointing"),
     ("logging", "Evaluation and logging"),
     ("misc", "Miscellaneous"),
@@ -137,6 +138,25 @@ FLAGS: Tuple[Flag, ...] = (
          "(uniform) or the first --recompute-num-layers layers (block).", choices=("uniform", "block")),
     Flag("--recompute-num-layers", "recompute", "int", None, "Layers per recompute unit (full granularity).",
          minimum=1),
+    # parallelism
+    Flag("--tensor-model-parallel-size", "parallel", "int", 1, "Tensor-parallel degree (ranks splitting each "
+         "layer's matrices; adjacent ranks, one node).", minimum=1),
+    Flag("--pipeline-model-parallel-size", "parallel", "int", 1, "Pipeline-parallel degree (ranks holding "
+         "consecutive slices of the layers).", minimum=1),
+    Flag("--sequence-parallel", "parallel", "bool", False, "Split the activations outside attention/MLP along "
+         "the sequence over the tensor-parallel ranks."),
+    Flag("--num-layers-per-virtual-pipeline-stage", "parallel", "int", None, "Layers per model chunk of the "
+         "interleaved 1F1B schedule (each rank holds several chunks).", minimum=1),
+    Flag("--decoder-first-pipeline-num-layers", "parallel", "int", None, "Layers of the first pipeline stage "
+         "(uneven split; the middle stages share the rest).", minimum=0),
+    Flag("--decoder-last-pipeline-num-layers", "parallel", "int", None, "Layers of the last pipeline stage "
+         "(uneven split).", minimum=0),
+    Flag("--use-distributed-optimizer", "parallel", "bool", False, "Shard fp32 master weights and optimizer "
+         "state over the data-parallel ranks (ZeRO-1)."),
+    Flag("--overlap-grad-reduce", "parallel", "bool", False, "Reduce gradient buckets during the backward pass."),
+    Flag("--distributed-backend", "parallel", "str", None, "torch.distributed backend (default: nccl on GPUs, "
+         "gloo on CPUs).", choices=("nccl", "gloo")),
+    Flag("--distributed-timeout-minutes", "parallel", "int", 10, "Timeout of collective operations.", minimum=1),
     # checkpointing
     Flag("--save", "checkpointing", "str", None, "Directory to save checkpoints in."),
     Flag("--load", "checkpointing", "str", None, "Directory to resume (or, with --finetune, start) from."),
@@ -164,9 +184,6 @@ FLAGS: Tuple[Flag, ...] = (
     Flag("--torch-compile", "misc", "bool", False, "Compile each decoder layer with torch.compile (ours)."),
     Flag("--sft", "misc", "bool", False, "Supervised fine-tuning: --data-path holds `preprocess --sft` output; "
          "one conversation per sample, loss on the assistant replies only."),
-    Flag("--tensor-model-parallel-size", "misc", "int", 1, "Tensor-parallel degree (only 1 for now).", minimum=1),
-    Flag("--pipeline-model-parallel-size", "misc", "int", 1, "Pipeline-parallel degree (only 1 for now).",
-         minimum=1),
 )
 
 FLAGS_BY_DEST: Dict[str, Flag] = {flag.dest: flag for flag in FLAGS}

@@ -1,5 +1,13 @@
 """Grouped-query self-attention with rotary embeddings, causal, optionally document-masked.
 
+Tensor parallelism splits the heads: each rank holds ``num_attention_heads / tp`` query heads and the
+key/value heads they use. When ``tp <= num_key_value_heads`` the key/value heads are split too (``tp``
+must divide them); when ``tp > num_key_value_heads`` (``tp`` must be a multiple of them) each rank keeps
+the ONE key/value head its query heads use, replicated over the ``tp / num_key_value_heads`` ranks that
+share it, whose k/v weight gradients are summed (``ColumnParallelLinear(replicas=...)``). Under sequence
+parallelism the input arrives as this rank's sequence shard and is all-gathered once for q, k and v, so
+attention always sees the whole sequence (positions and ``segment_ids`` are the full ``[batch, seq]``).
+
 The attention core (scores, softmax, weighted values) runs on the kernel chosen by
 ``ModelOptions.attention_backend`` (see :mod:`megalign.model.attention_backends`); with selective
 recomputation it is recomputed in the backward pass instead of storing its ``[seq, seq]`` intermediates.
@@ -15,7 +23,9 @@ from torch.utils.checkpoint import checkpoint
 from megalign.model.attention_backends import document_causal_mask, dot_product_attention
 from megalign.model.config import ModelConfig, ModelOptions
 from megalign.ops import apply_rotary
-from megalign.parallel import ColumnParallelLinear, InitMethod, ParallelContext, RowParallelLinear, divide
+from megalign.errors import ConfigError
+from megalign.parallel import (ColumnParallelLinear, InitMethod, ParallelContext, RowParallelLinear,
+                               column_parallel_input, divide)
 
 __all__ = ["Attention", "document_causal_mask"]
 
@@ -27,26 +37,35 @@ class Attention(nn.Module):
     def __init__(self, config: ModelConfig, context: ParallelContext, init_method: InitMethod,
                  output_init_method: InitMethod, options: ModelOptions = ModelOptions()) -> None:
         super().__init__()
-        tp = context.tensor_model_parallel_size
+        tp, kv_heads = context.tensor_model_parallel_size, config.num_key_value_heads
+        self.context = context
         self.head_dim = config.head_dim
         self.num_heads = divide(config.num_attention_heads, tp, "num_attention_heads")
-        self.num_kv_heads = divide(config.num_key_value_heads, tp, "num_key_value_heads")
+        if tp > kv_heads and tp % kv_heads:
+            raise ConfigError(f"tensor_model_parallel_size={tp} is larger than num_key_value_heads={kv_heads}, so it "
+                              f"must be a multiple of it (each key/value head is replicated on tp / kv_heads ranks)")
+        kv_replicas = max(tp // kv_heads, 1)
+        self.num_kv_heads = 1 if kv_replicas > 1 else divide(kv_heads, tp, "num_key_value_heads")
         self.backend = options.attention_backend
         self.recompute_core = options.recompute_granularity == "selective"
         hidden, kv_size = config.hidden_size, config.num_key_value_heads * config.head_dim
         self.q_proj = ColumnParallelLinear(hidden, hidden, context, bias=config.qkv_bias, init_method=init_method)
-        self.k_proj = ColumnParallelLinear(hidden, kv_size, context, bias=config.qkv_bias, init_method=init_method)
-        self.v_proj = ColumnParallelLinear(hidden, kv_size, context, bias=config.qkv_bias, init_method=init_method)
+        self.k_proj = ColumnParallelLinear(hidden, kv_size, context, bias=config.qkv_bias, init_method=init_method,
+                                           replicas=kv_replicas)
+        self.v_proj = ColumnParallelLinear(hidden, kv_size, context, bias=config.qkv_bias, init_method=init_method,
+                                           replicas=kv_replicas)
         self.o_proj = RowParallelLinear(hidden, hidden, context, bias=False, input_is_parallel=True,
                                         init_method=output_init_method)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 segment_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """``x`` ``[batch, seq, hidden]`` → ``[batch, seq, hidden]``; ``cos``/``sin`` from ``rotary_cos_sin``."""
+        """``x`` ``[batch, seq, hidden]`` → ``[batch, seq, hidden]`` (``[batch, seq / tp, hidden]`` in and out under
+        sequence parallelism); ``cos``/``sin`` from ``rotary_cos_sin``, for the full sequence."""
+        x = column_parallel_input(x, self.context)
         batch, seq, _ = x.shape
-        q = self.q_proj(x).view(batch, seq, self.num_heads, self.head_dim)
-        k = self.k_proj(x).view(batch, seq, self.num_kv_heads, self.head_dim)
-        v = self.v_proj(x).view(batch, seq, self.num_kv_heads, self.head_dim)
+        q = self.q_proj(x, input_prepared=True).view(batch, seq, self.num_heads, self.head_dim)
+        k = self.k_proj(x, input_prepared=True).view(batch, seq, self.num_kv_heads, self.head_dim)
+        v = self.v_proj(x, input_prepared=True).view(batch, seq, self.num_kv_heads, self.head_dim)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         if self.recompute_core and torch.is_grad_enabled():
             out = checkpoint(dot_product_attention, q, k, v, segment_ids, self.backend, use_reentrant=False)

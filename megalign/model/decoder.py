@@ -11,12 +11,27 @@
 Initialisation (Megatron's): every matrix from ``normal(0, init_std)``, except the projections that
 write into the residual stream (attention ``o_proj`` and MLP ``down_proj``), whose std is divided by
 ``sqrt(2 * num_layers)`` so the residual's variance does not grow with depth (two such writes per
-layer; GPT-2 / Megatron "scaled init"). Norm weights start at 1, biases at 0.
+layer; GPT-2 / Megatron "scaled init"). Norm weights start at 1, biases at 0. The weights depend only on
+the seed given to ``torch.manual_seed``: the embedding, each layer and the LM head draw from their own
+seed derived from it, and tensor-parallel layers draw the full weights and keep their shard, so a model
+built after the same seed is the same at any TP size and any pipeline split.
+
+Pipeline parallelism (``stage``): a :class:`PipelineStage` holds a slice of the layers (stored under their
+global numbers, ``layers.17.…``), the embedding on the first stage and the final norm, LM head and loss on
+the last; the stages pass hidden states (megalign.parallel.pipeline runs the schedules).
+
+Tensor parallelism (``context``): see :mod:`megalign.parallel.layers`; the loss is the vocabulary-parallel
+cross-entropy of the split logits. Sequence parallelism: the embedding reduce-scatters along the
+sequence, so the residual stream and the norms hold ``[batch, seq / tp, hidden]``; attention and MLP
+all-gather their input and reduce-scatter their output; the LM head all-gathers the final norm's output.
+Norm weights are replicated and their gradients summed over TP ranks (each saw part of the sequence).
 """
 from __future__ import annotations
 
 import math
-from typing import List, Optional, Tuple
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Iterator, List, Optional, Tuple
 
 import torch
 from torch import nn
@@ -25,23 +40,39 @@ from torch.utils.checkpoint import checkpoint
 from megalign.model.attention import Attention
 from megalign.model.config import ModelConfig, ModelOptions
 from megalign.model.mlp import MLP
-from megalign.ops import cross_entropy, rms_norm, rotary_cos_sin
+from megalign.ops import rms_norm, rotary_cos_sin
 from megalign.parallel import (ColumnParallelLinear, InitMethod, ParallelContext, VocabParallelEmbedding,
-                               column_parallel_linear, init_normal)
+                               column_parallel_linear, gather_from_tensor_parallel, init_normal, mark_tensor_parallel,
+                               sequence_parallel_parameter, vocab_parallel_cross_entropy)
 
-__all__ = ["DecoderLayer", "GPTModel", "RMSNorm", "recompute_plan"]
+__all__ = ["DecoderLayer", "GPTModel", "PipelineStage", "RMSNorm", "recompute_plan"]
+
+
+@dataclass(frozen=True)
+class PipelineStage:
+    """The part of the model one pipeline stage holds: decoder ``layers`` (global indices), and whether it is
+    the ``first`` stage (token embedding) and the ``last`` (final norm, LM head, loss)."""
+
+    layers: range
+    first: bool = True
+    last: bool = True
+
+
+def _module_seed(base: int, index: int) -> int:
+    """The init seed of the ``index``-th module (embedding -1, layers 0.., LM head -2) of a model seeded ``base``."""
+    return (base * 1_000_003 + index + 3) % (2 ** 63)
 
 
 class RMSNorm(nn.Module):
-    """RMSNorm with a learned per-feature scale (initialised to 1)."""
+    """RMSNorm with a learned per-feature scale (initialised to 1), replicated on every TP rank."""
 
-    def __init__(self, hidden_size: int, eps: float) -> None:
+    def __init__(self, hidden_size: int, eps: float, context: ParallelContext = ParallelContext()) -> None:
         super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.eps, self.context = eps, context
+        self.weight = mark_tensor_parallel(nn.Parameter(torch.ones(hidden_size)), None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return rms_norm(x, self.weight, self.eps)
+        return rms_norm(x, sequence_parallel_parameter(self.weight, self.context), self.eps)
 
 
 class DecoderLayer(nn.Module):
@@ -50,9 +81,9 @@ class DecoderLayer(nn.Module):
     def __init__(self, config: ModelConfig, context: ParallelContext, init_method: InitMethod,
                  output_init_method: InitMethod, options: ModelOptions = ModelOptions()) -> None:
         super().__init__()
-        self.input_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.input_norm = RMSNorm(config.hidden_size, config.rms_norm_eps, context)
         self.attention = Attention(config, context, init_method, output_init_method, options)
-        self.mlp_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp_norm = RMSNorm(config.hidden_size, config.rms_norm_eps, context)
         self.mlp = MLP(config, context, init_method, output_init_method)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
@@ -78,6 +109,14 @@ def recompute_plan(num_layers: int, options: ModelOptions) -> List[Tuple[range, 
     return plan + ([(range(n, num_layers), False)] if n < num_layers else [])
 
 
+@contextmanager
+def _seeded(seed: int) -> Iterator[None]:
+    """Run the block with the CPU RNG seeded ``seed``; the global RNG state is restored afterwards."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield
+
+
 class GPTModel(nn.Module):
     """Decoder-only language model of ``config``'s shape; this rank's shards under ``context``.
 
@@ -85,25 +124,48 @@ class GPTModel(nn.Module):
     """
 
     def __init__(self, config: ModelConfig, context: ParallelContext = ParallelContext(),
-                 options: ModelOptions = ModelOptions()) -> None:
+                 options: ModelOptions = ModelOptions(), stage: Optional[PipelineStage] = None) -> None:
         super().__init__()
         self.config, self.context, self.options = config, context, options
+        self.stage = stage or PipelineStage(range(config.num_layers))
+        if self.stage.layers.start < 0 or self.stage.layers.stop > config.num_layers or self.stage.layers.step != 1:
+            raise ValueError(f"GPTModel: stage layers {self.stage.layers} are not a slice of {config.num_layers} layers")
         init_method = init_normal(config.init_std)
         output_init_method = init_normal(config.init_std / math.sqrt(2.0 * config.num_layers))
-        self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size, context, init_method)
-        self.layers = nn.ModuleList(DecoderLayer(config, context, init_method, output_init_method, options)
-                                    for _ in range(config.num_layers))
-        self.recompute_plan = recompute_plan(config.num_layers, options)
-        self.final_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        # Each module draws its weights from its own seed derived from torch.manual_seed's seed, so a pipeline
+        # stage (or model chunk) holding any subset of the modules builds exactly the weights the whole model has.
+        base = torch.initial_seed()
+        tied_head = config.tie_word_embeddings and self.stage.last
+        self.embed_tokens: Optional[VocabParallelEmbedding] = None
+        if self.stage.first or tied_head:  # a tied LM head on a later stage holds its own copy of the table
+            with _seeded(_module_seed(base, -1)):
+                self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size, context, init_method)
+        layers = {}
+        for index in self.stage.layers:
+            with _seeded(_module_seed(base, index)):
+                layers[str(index)] = DecoderLayer(config, context, init_method, output_init_method, options)
+        self.layers = nn.ModuleDict(layers)  # keys are global layer numbers: names match at any pipeline split
+        self.recompute_plan = recompute_plan(len(self.stage.layers), options)
+        self.final_norm: Optional[RMSNorm] = None
         self.lm_head: Optional[ColumnParallelLinear] = None
-        if not config.tie_word_embeddings:
-            self.lm_head = ColumnParallelLinear(config.hidden_size, config.vocab_size, context, bias=False,
-                                                init_method=init_method)
+        if self.stage.last:
+            self.final_norm = RMSNorm(config.hidden_size, config.rms_norm_eps, context)
+            if not config.tie_word_embeddings:
+                with _seeded(_module_seed(base, -2)):
+                    self.lm_head = ColumnParallelLinear(config.hidden_size, config.vocab_size, context, bias=False,
+                                                        init_method=init_method)
 
     def forward(self, tokens: torch.Tensor, position_ids: Optional[torch.Tensor] = None,
                 segment_ids: Optional[torch.Tensor] = None, labels: Optional[torch.Tensor] = None,
-                loss_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+                loss_mask: Optional[torch.Tensor] = None, hidden_states: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Logits ``[batch, seq, vocab]`` of ``tokens`` ``[batch, seq]``, or the training loss when ``labels`` is given.
+
+        A pipeline stage that is not the first takes the previous stage's output as ``hidden_states`` (``tokens``
+        still give the shape and positions); a stage that is not the last returns its hidden states
+        ``[batch, seq, hidden]`` (``seq / tp`` under sequence parallelism).
+
+        With tensor parallelism every rank takes the same full inputs and returns the same loss (or the
+        gathered full logits); under sequence parallelism ``seq`` must be a multiple of the TP size.
 
         ``position_ids`` ``[batch, seq]`` default to ``0..seq-1``; ``segment_ids`` ``[batch, seq]`` (documents
         packed in one sample) keep attention inside each document. ``labels`` are the next tokens (already
@@ -112,34 +174,46 @@ class GPTModel(nn.Module):
         """
         self._check_inputs(tokens, position_ids=position_ids, segment_ids=segment_ids, labels=labels,
                            loss_mask=loss_mask)
-        config = self.config
+        config, tp = self.config, self.context.tensor_model_parallel_size
+        if self.context.sequence_parallel and tokens.shape[1] % tp:
+            raise ValueError(f"GPTModel: sequence length {tokens.shape[1]} must be a multiple of the tensor-parallel "
+                             f"size {tp} with --sequence-parallel (the sequence is split over the TP ranks)")
         positions = tokens.shape[1] if position_ids is None else position_ids
         cos, sin = rotary_cos_sin(positions, config.head_dim, config.rope_theta, config.rope_scaling,
                                   device=tokens.device)
-        x = self.embed_tokens(tokens)
+        if self.stage.first:
+            x = self.embed_tokens(tokens)
+        elif hidden_states is None:
+            raise ValueError(f"GPTModel: pipeline stage with layers {self.stage.layers} needs the previous stage's "
+                             "hidden_states")
+        else:
+            x = hidden_states
         recompute = torch.is_grad_enabled()
         for layers, recomputed in self.recompute_plan:
             if recomputed and recompute:
                 x = checkpoint(self._run_layers, layers, x, cos, sin, segment_ids, use_reentrant=False)
             else:
                 x = self._run_layers(layers, x, cos, sin, segment_ids)
+        if not self.stage.last:
+            return x
         x = self.final_norm(x)
         if self.lm_head is not None:
             logits = self.lm_head(x)
         else:
             logits = column_parallel_linear(x, self.embed_tokens.weight, None, self.context)
-        if labels is None:
-            return logits
+        if labels is None:  # the vocabulary shards gathered (the loss below never gathers them)
+            return gather_from_tensor_parallel(logits, self.context)
         if loss_mask is None:
-            return cross_entropy(logits, labels)
-        losses = cross_entropy(logits, labels, reduction="none")
+            return vocab_parallel_cross_entropy(logits, labels, self.context)
+        losses = vocab_parallel_cross_entropy(logits, labels, self.context, reduction="none")
         mask = loss_mask.to(losses.dtype)
         return (losses * mask).sum() / mask.sum().clamp(min=1.0)
 
-    def _run_layers(self, layers: range, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+    def _run_layers(self, positions: range, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                     segment_ids: Optional[torch.Tensor]) -> torch.Tensor:
-        for index in layers:
-            x = self.layers[index](x, cos, sin, segment_ids)
+        """Run the stage's layers at ``positions`` (0-based within this stage)."""
+        for position in positions:
+            x = self.layers[str(self.stage.layers[position])](x, cos, sin, segment_ids)
         return x
 
     @staticmethod

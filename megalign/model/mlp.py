@@ -1,4 +1,5 @@
-"""The LLaMA/Qwen2 feed-forward block: ``down(silu(gate(x)) * up(x))``."""
+"""The LLaMA/Qwen2 feed-forward block: ``down(silu(gate(x)) * up(x))``; with tensor parallelism each rank
+holds ``intermediate_size / tp`` of the hidden units (gate/up split by rows, down by columns)."""
 from __future__ import annotations
 
 import torch
@@ -6,7 +7,8 @@ from torch import nn
 
 from megalign.model.config import ModelConfig
 from megalign.ops import swiglu
-from megalign.parallel import ColumnParallelLinear, InitMethod, ParallelContext, RowParallelLinear
+from megalign.parallel import (ColumnParallelLinear, InitMethod, ParallelContext, RowParallelLinear,
+                               column_parallel_input)
 
 __all__ = ["MLP"]
 
@@ -18,11 +20,13 @@ class MLP(nn.Module):
                  output_init_method: InitMethod) -> None:
         super().__init__()
         hidden, ffn = config.hidden_size, config.intermediate_size
+        self.context = context
         self.gate_proj = ColumnParallelLinear(hidden, ffn, context, bias=False, init_method=init_method)
         self.up_proj = ColumnParallelLinear(hidden, ffn, context, bias=False, init_method=init_method)
         self.down_proj = RowParallelLinear(ffn, hidden, context, bias=False, input_is_parallel=True,
                                            init_method=output_init_method)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """``[..., hidden]`` → ``[..., hidden]``."""
-        return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x)))
+        """``[batch, seq, hidden]`` → ``[batch, seq, hidden]`` (sequence shards under sequence parallelism)."""
+        x = column_parallel_input(x, self.context)  # one collective for gate and up
+        return self.down_proj(swiglu(self.gate_proj(x, input_prepared=True), self.up_proj(x, input_prepared=True)))

@@ -8,17 +8,22 @@ poison a step, and the result is always fp32 whatever the logits dtype.
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import torch.nn.functional as F
 
-__all__ = ["cross_entropy", "cross_entropy_reference"]
+__all__ = ["cross_entropy", "cross_entropy_reference", "reduce_token_losses"]
 
 _REDUCTIONS = ("mean", "sum", "none")
 
 
 def _checked_valid_labels(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int, reduction: str,
-                          check_range: bool) -> torch.Tensor:
-    """Validate the arguments (ValueError naming the problem); return the mask of labels that count."""
+                          check_range: bool, vocab: Optional[int] = None) -> torch.Tensor:
+    """Validate the arguments (ValueError naming the problem); return the mask of labels that count.
+
+    ``vocab``: the vocabulary size labels are checked against (default: the logits' last dimension).
+    """
     if reduction not in _REDUCTIONS:
         raise ValueError(f"cross_entropy: reduction={reduction!r}; use one of {', '.join(_REDUCTIONS)}")
     if logits.shape[:-1] != labels.shape:
@@ -28,7 +33,7 @@ def _checked_valid_labels(logits: torch.Tensor, labels: torch.Tensor, ignore_ind
         raise ValueError(f"cross_entropy: labels must be an integer tensor, got {labels.dtype}")
     valid = labels != ignore_index
     if check_range:  # a host sync on a GPU
-        vocab = logits.shape[-1]
+        vocab = logits.shape[-1] if vocab is None else vocab
         bad = valid & ((labels < 0) | (labels >= vocab))
         if bool(bad.any()):
             first = labels[bad].flatten()[0].item()
@@ -48,7 +53,12 @@ def cross_entropy_reference(logits: torch.Tensor, labels: torch.Tensor, ignore_i
     zmax = z.amax(dim=-1, keepdim=True).detach()
     lse = (zmax + torch.log(torch.exp(z - zmax).sum(dim=-1, keepdim=True))).squeeze(-1)
     target = torch.gather(z, -1, torch.where(valid, labels, 0).unsqueeze(-1).long()).squeeze(-1)
-    loss = torch.where(valid, lse - target, torch.zeros_like(lse))
+    return reduce_token_losses(torch.where(valid, lse - target, torch.zeros_like(lse)), valid, reduction)
+
+
+def reduce_token_losses(loss: torch.Tensor, valid: torch.Tensor, reduction: str) -> torch.Tensor:
+    """Per-position losses (0 where not ``valid``) as they are (``"none"``), summed, or averaged over the
+    valid positions (0 when there are none)."""
     if reduction == "none":
         return loss
     total = loss.sum()

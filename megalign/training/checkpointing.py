@@ -71,7 +71,7 @@ def restore_rng_state(tensors: Mapping[str, torch.Tensor], info: Mapping[str, st
 
 
 # --------------------------------------------------------------------------------------------- saving
-def _write_safetensors(path: Path, tensors: Mapping[str, torch.Tensor],
+def write_safetensors(path: Path, tensors: Mapping[str, torch.Tensor],
                        metadata: dict[str, str] | None = None) -> dict[str, Any]:
     """Write one safetensors file, fsync it and return its files-table entry (size)."""
     prepared: dict[str, torch.Tensor] = {}
@@ -102,7 +102,7 @@ def _unsplit_specs(states: Mapping[str, torch.Tensor], group: str, fname: str) -
     return specs
 
 
-def _json_or_raise(value: Any, what: str) -> Any:
+def json_or_raise(value: Any, what: str) -> Any:
     try:
         return json.loads(json.dumps(value, allow_nan=False))
     except (TypeError, ValueError) as exc:
@@ -139,8 +139,8 @@ def save_checkpoint(save_dir: PathLike, step: int, model_state: Mapping[str, tor
     specs.update(optim_specs)
     header = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, "step": step,
               "consumed_samples": int(consumed_samples), "saved_at": time.time(),
-              "config": _json_or_raise(dict(config or {}), "config"),
-              "extra": _json_or_raise(dict(extra or {}), "extra"),
+              "config": json_or_raise(dict(config or {}), "config"),
+              "extra": json_or_raise(dict(extra or {}), "extra"),
               "parallel": {"tensor": 1, "pipeline": 1, "data": 1}}
 
     root = Path(save_dir)
@@ -150,13 +150,13 @@ def save_checkpoint(save_dir: PathLike, step: int, model_state: Mapping[str, tor
     tmp.mkdir()
     try:
         files = {model_file: {"kind": "model", "tensor": 0, "pipeline": 0,
-                              **_write_safetensors(tmp / model_file, model_state)},
+                              **write_safetensors(tmp / model_file, model_state)},
                  optim_file: {"kind": "optimizer", "tensor": 0, "pipeline": 0, "data": 0,
-                              **_write_safetensors(tmp / optim_file, optimizer_state)}}
+                              **write_safetensors(tmp / optim_file, optimizer_state)}}
         if rng is not False:
             rng_tensors, rng_info = capture_rng_state() if rng is True else rng
             files[rng_file_name(0)] = {"kind": "rng", "rank": 0,
-                                       **_write_safetensors(tmp / rng_file_name(0), rng_tensors, rng_info)}
+                                       **write_safetensors(tmp / rng_file_name(0), rng_tensors, rng_info)}
         metadata = {**header, "files": files, "tensors": {name: s.to_json() for name, s in specs.items()}}
         with open(tmp / METADATA_FILE, "w", encoding="utf-8") as handle:
             json.dump(metadata, handle, ensure_ascii=False, indent=1, sort_keys=True)
@@ -164,19 +164,19 @@ def save_checkpoint(save_dir: PathLike, step: int, model_state: Mapping[str, tor
             os.fsync(handle.fileno())
         fsync_dir(tmp)
         final = root / iter_dir_name(step)
-        _install_directory(tmp, final)
+        install_directory(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     with atomic_write(root / LATEST_FILE) as handle:
         handle.write(f"{step}\n")
     if keep_last is not None:
-        _prune(root, keep_last, protect={step} | ({previous_latest} if previous_latest is not None else set()))
+        prune_checkpoints(root, keep_last, protect={step} | ({previous_latest} if previous_latest is not None else set()))
     logger.info("saved checkpoint %s (%d tensors)", final, len(specs))
     return final
 
 
-def _install_directory(tmp: Path, final: Path) -> None:
+def install_directory(tmp: Path, final: Path) -> None:
     """Rename the finished temp directory into place (replacing an older save of the same step)."""
     old = None
     if final.exists():
@@ -188,7 +188,7 @@ def _install_directory(tmp: Path, final: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def _prune(root: Path, keep_last: int, protect: set[int]) -> None:
+def prune_checkpoints(root: Path, keep_last: int, protect: set[int]) -> None:
     """Delete iter_ directories older than the newest `keep_last`, except the protected steps."""
     steps = list_checkpoints(root)
     keep = set(steps[-keep_last:]) | protect

@@ -64,7 +64,11 @@ class TrainResult:
 
 
 def check_data_flags(config: TrainingConfig) -> None:
-    """Raise ConfigError for missing data/tokenizer flags."""
+    """Raise ConfigError for missing data/tokenizer flags and for a multi-process launch."""
+    if config.world_size > 1:
+        raise ConfigError(f"WORLD_SIZE={config.world_size}: `megalign train` runs as a single process for now; the "
+                          "parallel building blocks (megalign.parallel) are tested on their own and are being wired "
+                          "into the trainer. Launch one process (no torchrun) meanwhile")
     if config.data.data_path is None:
         raise ConfigError("--data-path is required for training (prefixes written by `megalign preprocess`)")
     if config.data.tokenizer_type is None:
@@ -189,7 +193,7 @@ class Trainer:
                   f"{model_config.hidden_size}, dtype {dtype}, device {self.device}, attention {backend}, "
                   f"recompute {recompute}")
         if self.config.misc.torch_compile:
-            for layer in model.layers:  # per layer (as torchtitan does): compiles once, reused by every layer
+            for layer in model.layers.values():  # per layer (as torchtitan does): compiles once, reused by every layer
                 layer.compile()
             self._log("torch.compile: decoder layers compile on the first step")
         self.flops_per_token = flops_per_token(model_config, self.config.model.seq_length)

@@ -1,7 +1,6 @@
 """`megalign train` under preemption (SIGTERM/SIGUSR1) and after a crash (SIGKILL), run as a user runs it."""
 from __future__ import annotations
 
-import io
 import os
 import re
 import signal
@@ -17,7 +16,6 @@ import pytest
 from megalign.config import load_config
 from megalign.training.checkpointing import list_checkpoints, load_checkpoint, read_latest_step
 from megalign.training.preemption import PreemptionHandler
-from megalign.training.trainer import train
 
 STEP_LINE = re.compile(r"^step (\d+)/\d+ \| loss (\S+) \|", re.MULTILINE)
 
@@ -103,9 +101,9 @@ def test_sigterm_without_save_exits_zero_and_says_nothing_saved(data_prefix: str
 
 def test_sigkill_then_load_continues_exactly(data_prefix: str, sentencepiece_model: Path, tmp_path: Path) -> None:
     total, interval = 200, 5
-    reference_log = io.StringIO()
-    train(load_config(_argv(data_prefix, sentencepiece_model, tmp_path / "cache", total)), stream=reference_log)
-    reference = _step_losses(reference_log.getvalue())
+    straight = _start(_argv(data_prefix, sentencepiece_model, tmp_path / "cache", total), tmp_path)
+    assert _finish(straight) == 0, _output(straight)  # a process like the others (same threads and environment)
+    reference = _step_losses(_output(straight))
     assert sorted(reference) == list(range(1, total + 1))
 
     save = tmp_path / "ckpt"

@@ -138,8 +138,8 @@ def test_conflict_across_yaml_and_cli_is_caught(tmp_path: Path) -> None:
     (["--seq-length", "512"], r"--seq-length 512 must not exceed --max-position-embeddings 256"),
     (["--num-attention-heads", "3"], r"--num-attention-heads 3 must divide --hidden-size 64"),
     (["--num-query-groups", "3"], r"--num-query-groups 3 must divide --num-attention-heads 4"),
-    (["--tensor-model-parallel-size", "2"], r"--tensor-model-parallel-size 2: .*parallelism work"),
-    (["--pipeline-model-parallel-size", "4"], r"--pipeline-model-parallel-size 4: .*parallelism work"),
+    (["--tensor-model-parallel-size", "2"], r"world size 1 must be divisible by --tensor-model-parallel-size 2"),
+    (["--pipeline-model-parallel-size", "4"], r"--pipeline-model-parallel-size 4 = 4 \(data parallel"),
     (["--lr-warmup-iters", "100"], r"--lr-warmup-iters 100 must be >= 0 and smaller than --lr-decay-iters"),
     (["--lr-decay-style", "wsd"], r"--lr-decay-style WSD needs --lr-wsd-decay-iters"),
     (["--lr-wsd-decay-iters", "5"], r"--lr-wsd-decay-iters is only used with --lr-decay-style wsd"),
@@ -280,3 +280,35 @@ def test_docs_contain_the_generated_flag_table(repo_root: Path) -> None:
     assert "| `--micro-batch-size` |" in table and "### Mixed precision" in table
     docs = (repo_root / "docs" / "configuration.md").read_text(encoding="utf-8")
     assert table in docs, "docs/configuration.md is stale: regenerate its flag table with flags_markdown()"
+
+
+@pytest.mark.parametrize("world, argv, match", [
+    (4, ["--tensor-model-parallel-size", "3"], r"world size 4 must be divisible by --tensor-model-parallel-size 3"),
+    (8, ["--tensor-model-parallel-size", "8"], r"--tensor-model-parallel-size 8 must divide --num-attention-heads 4"),
+    (6, ["--tensor-model-parallel-size", "3", "--num-attention-heads", "6", "--hidden-size", "96",
+         "--num-query-groups", "2"], r"--tensor-model-parallel-size 3 must divide --num-query-groups 2"),
+    (4, ["--pipeline-model-parallel-size", "4"], r"--num-layers 2 cannot be split into 4 pipeline stages"),
+    (4, ["--pipeline-model-parallel-size", "2", "--num-layers", "6", "--decoder-first-pipeline-num-layers", "7"],
+     r"--num-layers 6 cannot be split into 2 pipeline stages with --decoder-first-pipeline-num-layers 7"),
+    (1, ["--decoder-last-pipeline-num-layers", "1"], r"need --pipeline-model-parallel-size > 1"),
+    (1, ["--sequence-parallel"], r"--sequence-parallel needs --tensor-model-parallel-size > 1"),
+    (2, ["--pipeline-model-parallel-size", "2", "--num-layers", "6", "--num-layers-per-virtual-pipeline-stage", "2"],
+     r"--num-layers 6 / --pipeline-model-parallel-size 2 must be a multiple of --num-layers-per-virtual"),
+    (2, ["--pipeline-model-parallel-size", "2", "--num-layers", "8", "--num-layers-per-virtual-pipeline-stage", "2",
+         "--global-batch-size", "6"], r"micro-batches per step \(3 = .*multiple of --pipeline-model-parallel-size 2"),
+])
+def test_parallel_layout_errors_name_the_constraint(monkeypatch: pytest.MonkeyPatch, world: int, argv: List[str],
+                                                    match: str) -> None:
+    monkeypatch.setenv("WORLD_SIZE", str(world))
+    with pytest.raises(ConfigError, match=match):
+        _load(*argv)
+
+
+def test_parallel_layout_derives_data_parallel_size(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("WORLD_SIZE", "8")
+    config = _load("--tensor-model-parallel-size", "2", "--pipeline-model-parallel-size", "2", "--num-layers", "8",
+                   "--num-layers-per-virtual-pipeline-stage", "2", "--global-batch-size", "8")
+    assert config.data_parallel_size == 2 and config.num_microbatches == 2 and config.num_model_chunks == 2
+    monkeypatch.setenv("WORLD_SIZE", "two")
+    with pytest.raises(ConfigError, match="WORLD_SIZE='two' is not an integer"):
+        _load()

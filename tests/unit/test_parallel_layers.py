@@ -1,4 +1,5 @@
-"""ParallelContext validation and the tensor-parallel layers at size 1: shard shapes, biases, plain math."""
+"""ParallelContext validation, the tensor-parallel layers at size 1 (shapes, biases, plain math), and the
+full-then-slice initialisation and split marks of larger sizes (built without communication)."""
 from __future__ import annotations
 
 import pytest
@@ -7,7 +8,7 @@ import torch.nn.functional as F
 
 from megalign.errors import ConfigError
 from megalign.parallel import (ColumnParallelLinear, ParallelContext, RowParallelLinear, VocabParallelEmbedding,
-                               divide, init_normal)
+                               divide, init_normal, shard, tensor_parallel_axis, tensor_parallel_replicas)
 
 
 def test_context_defaults_and_single():
@@ -15,8 +16,8 @@ def test_context_defaults_and_single():
     assert ctx == ParallelContext() and ctx.tensor_model_parallel_size == 1 and ctx.tensor_model_parallel_rank == 0
 
 
-def test_tensor_parallel_size_above_one_is_an_error_not_ignored():
-    with pytest.raises(ConfigError, match="tensor parallelism arrives with the parallelism work"):
+def test_tensor_parallel_size_above_one_needs_a_group():
+    with pytest.raises(ConfigError, match="needs its process group"):
         ParallelContext(tensor_model_parallel_size=2)
 
 
@@ -74,3 +75,24 @@ def test_init_method_is_applied():
     RowParallelLinear(8, 4, bias=False, init_method=lambda w: calls.append(tuple(w.shape)))
     VocabParallelEmbedding(10, 4, init_method=lambda w: calls.append(tuple(w.shape)))
     assert calls == [(4, 8), (10, 4)]
+
+
+def test_shards_are_slices_of_the_single_process_init_and_are_marked():
+    group = object()  # constructing layers needs no communication
+    built = {}
+    for rank in (0, 1, None):
+        ctx = ParallelContext() if rank is None else ParallelContext(2, rank, False, group)
+        torch.manual_seed(3)
+        built[rank] = (VocabParallelEmbedding(8, 4, ctx), ColumnParallelLinear(4, 6, ctx), RowParallelLinear(6, 4, ctx))
+    for full, half0, half1 in zip(built[None], built[0], built[1]):
+        for (name, p), p0, p1 in zip(full.named_parameters(), half0.parameters(), half1.parameters()):
+            axis = tensor_parallel_axis(p0)
+            assert axis == tensor_parallel_axis(p) and tensor_parallel_replicas(p0) == 1
+            assert torch.equal(p0, shard(p, axis, 2, 0)) and torch.equal(p1, shard(p, axis, 2, 1)), name
+    assert [tensor_parallel_axis(p) for p in built[0][1].parameters()] == [0, 0]
+    assert [tensor_parallel_axis(p) for p in built[0][2].parameters()] == [1, None]
+    assert tensor_parallel_axis(built[0][0].weight) == 0 and built[1][0].vocab_start_index == 4
+    with pytest.raises(ConfigError, match="replicas=3 must divide tensor_model_parallel_size=2"):
+        ColumnParallelLinear(4, 6, ParallelContext(2, 0, False, group), replicas=3)
+    with pytest.raises(ConfigError, match="dimension 0 of a tensor of shape \\(6, 4\\) is not divisible into 4"):
+        shard(torch.zeros(6, 4), 0, 4, 0)

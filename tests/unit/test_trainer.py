@@ -37,7 +37,8 @@ def test_tiny_preset_learns_the_sample(data_prefix: str, sentencepiece_model: Pa
     assert sum(losses[-10:]) / 10 < sum(losses[:10]) / 10 - 1.5, losses
     assert sorted(result.evaluations) == [150, 300]
     # validation loss (unseen documents) falls well below where it started: ln(1024) = 6.93 at random init
-    assert result.evaluations[300] < result.evaluations[150] < before - 1.5, (before, result.evaluations)
+    assert result.evaluations[300] < result.evaluations[150] < before - 1.0, (before, result.evaluations)
+    assert result.evaluations[300] < before - 1.5, (before, result.evaluations)
     text = log.getvalue()
     for piece in ("step 100/300 | loss", "| lr ", "| grad norm ", "| loss scale 1 |", "| skipped 0 |", "tokens/s",
                   "samples/s", "TFLOP/s", "MFU n/a", "| mem ", "ETA", "validation at step 300 | loss", "perplexity"):

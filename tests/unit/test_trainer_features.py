@@ -140,3 +140,13 @@ def test_torch_compile_matches_eager(data_prefix: str, sentencepiece_model: Path
     assert "torch.compile" in log.getvalue()
     # inductor fuses element-wise work, so the last bits may differ from eager
     assert compiled.losses == pytest.approx(eager.losses, rel=1e-5)
+
+
+def test_multi_process_launch_is_refused_clearly(monkeypatch: pytest.MonkeyPatch, data_prefix: str,
+                                                 sentencepiece_model: Path, tmp_path: Path) -> None:
+    from megalign.errors import ConfigError
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ConfigError, match="WORLD_SIZE=2: `megalign train` runs as a single process for now"):
+        Trainer(load_config(_argv(data_prefix, sentencepiece_model, tmp_path / "cache", "--train-iters", "2")),
+                stream=io.StringIO())
