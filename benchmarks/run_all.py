@@ -22,6 +22,7 @@ BENCHMARKS: Dict[str, tuple] = {
     "gpt_index_build.py": ([], ["--num-documents", "200000", "--num-tokens", "400000000", "--repeats", "2"]),
     "sample_reads.py": ([], ["--num-documents", "50000", "--num-tokens", "100000000", "--num-reads", "5000"]),
     "train_throughput.py": ([], ["--quick"]),
+    "parallel_memory.py": ([], ["--quick"]),
 }
 
 

@@ -154,6 +154,8 @@ FLAGS: Tuple[Flag, ...] = (
     Flag("--use-distributed-optimizer", "parallel", "bool", False, "Shard fp32 master weights and optimizer "
          "state over the data-parallel ranks (ZeRO-1)."),
     Flag("--overlap-grad-reduce", "parallel", "bool", False, "Reduce gradient buckets during the backward pass."),
+    Flag("--ddp-bucket-size", "parallel", "int", None, "Elements per gradient bucket (default: one bucket, or "
+         "Megatron's size with --overlap-grad-reduce).", minimum=1),
     Flag("--distributed-backend", "parallel", "str", None, "torch.distributed backend (default: nccl on GPUs, "
          "gloo on CPUs).", choices=("nccl", "gloo")),
     Flag("--distributed-timeout-minutes", "parallel", "int", 10, "Timeout of collective operations.", minimum=1),

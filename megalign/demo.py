@@ -10,7 +10,10 @@ the training datasets through the Python API and prints decoded samples. Steps s
   5. train the tiny LLaMA-style preset on it, checkpointing half-way, with selective activation
      recomputation and TensorBoard events                                 (megalign train)
   6. resume from that checkpoint and finish the run                       (megalign train --load)
-  7. supervised fine-tuning in the alignment worker's format: (original, polished) pairs made by a
+  7. parallel training on 4 CPU processes: tensor parallel 2 x pipeline parallel 2 with sequence
+     parallelism over gloo; its checkpoint then resumes in one process (another layout)
+                                              (torchrun ... megalign train --tensor-model-parallel-size 2 ...)
+  8. supervised fine-tuning in the alignment worker's format: (original, polished) pairs made by a
      rule-based stand-in for the expert, tokenized with the chat template and a loss mask, then
      fine-tuned from the pre-trained checkpoint        (megalign preprocess --sft, megalign train --sft --finetune)
 Later capabilities (parallel training, HF export, alignment stages) join as they land.
@@ -19,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import shlex
 import shutil
@@ -103,6 +107,32 @@ def polishing_pairs(corpus: Path, output: Path, max_chars: int = 160) -> int:
         handle.write("\n".join(lines) + "\n")
     print(f"{output}: {len(lines)} (original, polished) pairs")
     return len(lines)
+
+
+def parallel_training(workdir: Path, data_path: str, tokenizer_model: Path) -> None:
+    """Train 20 steps at TP 2 x PP 2 (+ sequence parallel) on 4 local processes with torchrun, then resume that
+    checkpoint in one process (a different layout) to step 30."""
+    import subprocess
+
+    save = workdir / "parallel_checkpoints"
+    if save.exists():
+        shutil.rmtree(save)
+    common = ["--model-preset", "tiny", "--num-layers", "4", "--seq-length", "64", "--micro-batch-size", "2",
+              "--global-batch-size", "8", "--lr", "3e-3", "--min-lr", "3e-4", "--lr-decay-style", "cosine",
+              "--lr-warmup-iters", "5", "--lr-decay-iters", "30", "--data-path", data_path, "--split", "90,10,0",
+              "--tokenizer-type", "SentencePieceTokenizer", "--tokenizer-model", str(tokenizer_model),
+              "--data-cache-path", str(workdir / "index_cache"), "--log-interval", "10", "--eval-iters", "2",
+              "--seed", "1234", "--save", str(save)]
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "4", "-m",
+               "megalign.cli", "train", *common, "--tensor-model-parallel-size", "2", "--pipeline-model-parallel-size",
+               "2", "--sequence-parallel", "--distributed-backend", "gloo", "--train-iters", "20",
+               "--eval-interval", "20"]
+    print("$ " + " ".join(shlex.quote(a) for a in ["torchrun", *command[3:]]), flush=True)
+    environment = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    environment["OMP_NUM_THREADS"] = "1"
+    if subprocess.run(command, env=environment).returncode != 0:
+        raise MegalignError("demo step `torchrun ... megalign train` (parallel training) failed")
+    _run("train", [*common, "--load", str(save), "--train-iters", "30", "--eval-interval", "30"])
 
 
 def show_datasets(data_prefixes: List[str], tokenizer_model: Path, cache_dir: Path, sequence_length: int) -> None:
@@ -199,7 +229,10 @@ def main(args: argparse.Namespace) -> int:
     _run("train", [*train_args, "--train-iters", str(args.train_iters), "--load", str(checkpoints)])
     print(f"TensorBoard events: {workdir / 'tensorboard'} (view with: tensorboard --logdir {workdir / 'tensorboard'})")
 
-    _step("7. Supervised fine-tuning in the alignment worker's format (loss on the replies only)")
+    _step("7. Parallel training: 4 CPU processes, tensor parallel 2 x pipeline parallel 2, sequence parallel (gloo)")
+    parallel_training(workdir, str(workdir / "data" / "all_text_document"), tokenizer_model)
+
+    _step("8. Supervised fine-tuning in the alignment worker's format (loss on the replies only)")
     polishing_pairs(corpus, workdir / "sft" / "pairs.jsonl")
     _run("preprocess", ["--sft", "--input", str(workdir / "sft" / "pairs.jsonl"), "--output-prefix",
                         str(workdir / "sft" / "pairs"), "--tokenizer-type", "SentencePieceTokenizer",

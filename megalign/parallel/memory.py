@@ -31,7 +31,7 @@ from megalign.errors import ConfigError
 from megalign.model.config import ModelConfig
 from megalign.parallel.pipeline import stage_layer_ranges
 
-__all__ = ["Layout", "MemoryEstimate", "estimate_memory"]
+__all__ = ["Layout", "MemoryEstimate", "estimate_memory", "rank_parameters"]
 
 _GIB = float(1 << 30)
 
@@ -88,6 +88,23 @@ def _layer_parameters(config: ModelConfig, tp: int) -> int:
     return attention + 3 * h * config.intermediate_size // tp + 2 * h  # SwiGLU split, two norms replicated
 
 
+def rank_parameters(config: ModelConfig, tp: int, num_layers: int, first: bool, last: bool) -> int:
+    """Parameters held by one rank: ``num_layers`` decoder layers at tensor-parallel size ``tp``, plus the
+    embedding table shard on the first stage and the final norm and LM head (or the tied table's copy) on the
+    last."""
+    vocab_shard = config.vocab_size * config.hidden_size // tp
+    total = num_layers * _layer_parameters(config, tp)
+    if first:
+        total += vocab_shard
+    if last:
+        total += config.hidden_size
+        if not config.tie_word_embeddings:
+            total += vocab_shard
+        elif not first:
+            total += vocab_shard  # the tied table's copy on the last stage
+    return total
+
+
 def _activation_bytes_per_token_layer(config: ModelConfig, layout: Layout, dtype_bytes: int) -> float:
     h, kv, f = config.hidden_size, config.num_key_value_heads * config.head_dim, config.intermediate_size
     tp = layout.tensor_model_parallel_size
@@ -117,11 +134,8 @@ def estimate_memory(config: ModelConfig, layout: Layout) -> MemoryEstimate:
         chunks = max(1, per_rank // layout.num_layers_per_virtual_pipeline_stage)
     ranges = stage_layer_ranges(config.num_layers, pp * chunks)
     layers_per_rank = max(sum(len(ranges[c * pp + r]) for c in range(chunks)) for r in range(pp))
-    vocab_shard = config.vocab_size * config.hidden_size // tp
-    first = vocab_shard
-    last = config.hidden_size + (vocab_shard if (not config.tie_word_embeddings or pp > 1) else 0)
-    edges = first + last if pp == 1 else max(first, last)
-    parameters = layers_per_rank * _layer_parameters(config, tp) + edges
+    parameters = max(rank_parameters(config, tp, sum(len(ranges[c * pp + r]) for c in range(chunks)),
+                                     first=r == 0, last=r == pp - 1) for r in range(pp))
 
     dtype_bytes = 2 if layout.bf16 else 4
     master = 4 if layout.bf16 else 0

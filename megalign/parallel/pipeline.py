@@ -19,8 +19,9 @@ respects the data dependencies (all of the above) runs without deadlock on gloo 
 """
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, ContextManager, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
@@ -155,11 +156,14 @@ def _tag(chunk: int, micro_batch: int, backward: bool, num_micro_batches: int) -
 
 def run_schedule(spec: PipelineSpec, actions: Sequence[Action], forward_step: ForwardStep, num_micro_batches: int,
                  activation_shape: Tuple[int, ...], dtype: torch.dtype, device: torch.device,
-                 forward_only: bool = False) -> List[torch.Tensor]:
+                 forward_only: bool = False,
+                 backward_context: Optional[Callable[[bool], ContextManager[Any]]] = None) -> List[torch.Tensor]:
     """Run ``actions`` on this rank; returns the losses of the micro-batches whose last stage is here.
 
     ``forward_only`` (evaluation): the backward actions are skipped, nothing is kept for a backward pass
     and no autograd graph is built; the forward order of the training schedule is a valid order for it.
+    ``backward_context(is_last)`` wraps every backward pass, ``is_last`` for this rank's final one (data
+    parallelism reduces gradients during that one only).
 
     ``forward_step(chunk, x, m)`` runs model chunk ``chunk`` on micro-batch ``m``: ``x`` is None on the first
     global stage (the chunk reads the micro-batch itself), else the received activation (``activation_shape``,
@@ -177,7 +181,8 @@ def run_schedule(spec: PipelineSpec, actions: Sequence[Action], forward_step: Fo
         dist.irecv(buffer, src=source, group=spec.group, tag=tag).wait()
         return buffer
 
-    for action in actions:
+    last_backward = max((i for i, a in enumerate(actions) if a.kind == "B"), default=-1)
+    for position, action in enumerate(actions):
         stage, key = spec.stage(action.chunk), (action.chunk, action.micro_batch)
         if action.kind == "F":
             x = None
@@ -196,10 +201,10 @@ def run_schedule(spec: PipelineSpec, actions: Sequence[Action], forward_step: Fo
                 saved[key] = (x, y)
         elif not forward_only:
             x, y = saved.pop(key)
-            if stage == last_stage:
-                torch.autograd.backward(y)
-            else:
+            grad = None
+            if stage != last_stage:
                 grad = receive(following, _tag(action.chunk, action.micro_batch, True, num_micro_batches))
+            with backward_context(position == last_backward) if backward_context else nullcontext():
                 torch.autograd.backward(y, grad_tensors=grad)
             if stage > 0:
                 previous_chunk = action.chunk - (1 if spec.rank == 0 else 0)

@@ -24,11 +24,13 @@ def collate(samples: Sequence[Mapping[str, Any]]) -> Dict[str, torch.Tensor]:
     return {key: torch.stack([torch.as_tensor(sample[key]) for sample in samples]) for key in samples[0]}
 
 
-def micro_batches(dataset: Sequence[Mapping[str, torch.Tensor]], consumed_samples: int,
-                  micro_batch_size: int) -> Iterator[Dict[str, torch.Tensor]]:
-    """Micro-batches of ``dataset`` in sampler order, starting after ``consumed_samples`` samples."""
+def micro_batches(dataset: Sequence[Mapping[str, torch.Tensor]], consumed_samples: int, micro_batch_size: int,
+                  data_parallel_rank: int = 0, data_parallel_size: int = 1) -> Iterator[Dict[str, torch.Tensor]]:
+    """This data-parallel rank's micro-batches of ``dataset`` in sampler order, starting after
+    ``consumed_samples`` samples (counted over all ranks)."""
     sampler = PretrainingSampler(total_samples=len(dataset), consumed_samples=consumed_samples,
-                                 micro_batch_size=micro_batch_size, data_parallel_rank=0, data_parallel_size=1)
+                                 micro_batch_size=micro_batch_size, data_parallel_rank=data_parallel_rank,
+                                 data_parallel_size=data_parallel_size)
     for ids in sampler:
         yield collate([dataset[i] for i in ids])
 

@@ -447,7 +447,7 @@ class MixedPrecisionOptimizer:
         saved_groups = state_json.get("groups")
         groups = self.inner.param_groups
         if not isinstance(saved_groups, list) or len(saved_groups) != len(groups) or any(
-                saved.get("num_params") != size for saved, size in zip(saved_groups, self._group_sizes)):
+                saved.get("num_params", size) != size for saved, size in zip(saved_groups, self._group_sizes)):
             raise DataFormatError("the checkpoint's optimizer param groups do not match this model's "
                                   f"({self._group_sizes} params per group); saved from another model?")
         for saved, group in zip(saved_groups, groups):

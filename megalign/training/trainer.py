@@ -1,4 +1,5 @@
-"""Train a GPT model on preprocessed data (single process; one GPU, or the CPU when none is visible).
+"""Train a GPT model on preprocessed data: one process, or a torchrun job with tensor, sequence, pipeline and
+data parallelism (gloo on CPUs, NCCL on GPUs).
 
 Builds the tokenizer (vocabulary padded Megatron's way), the train/valid datasets from --data-path and
 --split, the model (--bf16/--fp16: parameters in that dtype, fp32 master weights in the optimizer), AdamW,
@@ -10,15 +11,18 @@ RNG and data position exactly; with --finetune only the weights are loaded. SIGT
 the run at the next step boundary, after saving a checkpoint when --save is set (exit status 0).
 
 With --sft the data is `preprocess --sft` output: one conversation per sample, the loss only on the
-assistant replies (their loss mask). Logging (console, TensorBoard) lives in step_log.py; --async-save
-writes checkpoints from a background thread (async_save.py).
+assistant replies (their loss mask). The pieces: model_chunks.py (this rank's pipeline chunks and one
+step over a pipeline schedule), checkpoint_io.py (checkpoints at any layout), step_log.py (console and
+TensorBoard), the optimizers (optimizer.py, distributed_optimizer.py). Only the logging rank (last
+pipeline stage, data- and tensor-parallel rank 0) prints.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import sys
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Dict, Iterator, List, Optional, TextIO
 
 import torch
@@ -28,13 +32,15 @@ from megalign.errors import ConfigError, DataFormatError
 from megalign.training import batches
 from megalign.model.attention_backends import check_attention_backend
 from megalign.model.config import flops_per_token
-from megalign.training.async_save import AsyncCheckpointSaver
-from megalign.training.checkpoint_format import iter_dir_name
-from megalign.training.checkpointing import Checkpoint, find_latest_valid, save_checkpoint
+from megalign.parallel.launch import any_rank, init_distributed
+from megalign.parallel.state import initialize_parallel
+from megalign.training.checkpoint_io import CheckpointIO
+from megalign.training.checkpointing import Checkpoint, find_latest_valid
 from megalign.training.loss_scale import (ConstantLossScaler, DynamicLossScaler, LossScaler, SkippedStepTracker,
                                           TooManyNonFiniteSteps)
 from megalign.training.lr_schedule import LRSchedule
-from megalign.training.optimizer import MixedPrecisionOptimizer
+from megalign.training.distributed_optimizer import build_optimizer
+from megalign.training.model_chunks import ModelChunks
 from megalign.training.preemption import PreemptionHandler
 from megalign.training.step_log import StepLogger
 from megalign.training.throughput import ThroughputMeter, peak_tflops
@@ -46,6 +52,8 @@ EXAMPLES = """examples:
       --tokenizer-type SentencePieceTokenizer --tokenizer-model tok/tokenizer.model \\
       --save ckpt --save-interval 100 --eval-interval 50 --eval-iters 4 --log-interval 10
   megalign train --config run.yaml --load ckpt --save ckpt      # resume where ckpt stopped
+  torchrun --nproc-per-node 4 pretrain_gpt.py --config run.yaml --tensor-model-parallel-size 2 \
+      --pipeline-model-parallel-size 2 --sequence-parallel --use-distributed-optimizer
 """
 
 @dataclass
@@ -61,14 +69,17 @@ class TrainResult:
     evaluations: Dict[int, float] = field(default_factory=dict)
     checkpoint: Optional[str] = None
     preempted_by: Optional[str] = None
+    logging_rank: bool = True  # False on the ranks of a parallel job that do not print
 
 
 def check_data_flags(config: TrainingConfig) -> None:
-    """Raise ConfigError for missing data/tokenizer flags and for a multi-process launch."""
-    if config.world_size > 1:
-        raise ConfigError(f"WORLD_SIZE={config.world_size}: `megalign train` runs as a single process for now; the "
-                          "parallel building blocks (megalign.parallel) are tested on their own and are being wired "
-                          "into the trainer. Launch one process (no torchrun) meanwhile")
+    """Raise ConfigError for missing data/tokenizer flags and combinations the trainer does not run."""
+    p = config.parallel
+    if config.checkpointing.async_save and config.world_size > 1:
+        raise ConfigError("--async-save is for single-process runs; a parallel job saves from every rank at once")
+    if p.overlap_grad_reduce and p.pipeline_model_parallel_size > 1 and config.model_config().tie_word_embeddings:
+        raise ConfigError("--overlap-grad-reduce cannot be used with tied embeddings and --pipeline-model-parallel-"
+                          "size > 1 (the two copies of the table are summed before the gradient reduction)")
     if config.data.data_path is None:
         raise ConfigError("--data-path is required for training (prefixes written by `megalign preprocess`)")
     if config.data.tokenizer_type is None:
@@ -95,12 +106,15 @@ def _loss_scaler(config: TrainingConfig) -> LossScaler:
 class Trainer:
     """One training run of ``config``: call :meth:`train`. Log lines go to ``stream``."""
 
-    def __init__(self, config: TrainingConfig, stream: TextIO = sys.stdout,
-                 device: Optional[torch.device] = None) -> None:
+    def __init__(self, config: TrainingConfig, stream: TextIO = sys.stdout) -> None:
         check_data_flags(config)
-        self.config, self.stream = config, stream
+        self.config = config
         self.args = config.as_namespace()
-        self.device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        p = config.parallel
+        self.device = init_distributed(p.distributed_backend, p.distributed_timeout_minutes)
+        self.state = initialize_parallel(p.tensor_model_parallel_size, p.pipeline_model_parallel_size,
+                                         p.sequence_parallel)
+        self.stream = stream if self.state.is_logging_rank else io.StringIO()
         self.train_iters, self.num_microbatches = config.train_iters, config.num_microbatches
         self.global_batch_size = config.global_batch_size
         self.iteration = 0
@@ -110,18 +124,17 @@ class Trainer:
         self.tokenizer, vocab_size = self._build_tokenizer()
         self.train_data, self.valid_data = self._build_datasets()
         self.model = self._build_model(vocab_size)
+        self.checkpoints = CheckpointIO(self.model, self.state, self._log, config.checkpointing.async_save)
         self.checkpoint = self._open_checkpoint()
         if self.checkpoint is not None and config.checkpointing.finetune:
             self._load_weights(self.checkpoint)
-        self.optimizer = MixedPrecisionOptimizer.from_args(self.model, self.args)
+        self.optimizer = build_optimizer(self.model, self.args, self.state if self.state.world_size > 1 else None)
         self.schedule = LRSchedule.from_namespace(self.args)
         self.scaler = _loss_scaler(config)
         self.tracker = SkippedStepTracker(config.checkpointing.max_consecutive_skipped_steps)
         if self.checkpoint is not None and not config.checkpointing.finetune:
             self._resume(self.checkpoint)
         self.schedule.apply(self.optimizer)
-        self.async_saver = AsyncCheckpointSaver(lambda path: self._log(f"saved checkpoint {path}")) \
-            if config.checkpointing.async_save else None
 
     # ---- setup ------------------------------------------------------------------------------------------
     def _log(self, text: str) -> None:
@@ -132,7 +145,8 @@ class Trainer:
 
         d = self.config.data
         tokenizer = build_tokenizer(d.tokenizer_type, d.tokenizer_model, vocab_size=self.config.model.vocab_size)
-        padded = padded_vocab_size(tokenizer.vocab_size, d.make_vocab_size_divisible_by)
+        padded = padded_vocab_size(tokenizer.vocab_size, d.make_vocab_size_divisible_by,
+                                   self.config.parallel.tensor_model_parallel_size)
         self._log(f"tokenizer {d.tokenizer_type}: {tokenizer.vocab_size} tokens, padded to {padded}")
         return tokenizer, padded
 
@@ -178,22 +192,26 @@ class Trainer:
                       f"{self.config.model.seq_length} and were truncated ({without_loss} lost every reply token)")
         return train, valid
 
-    def _build_model(self, vocab_size: int) -> torch.nn.Module:
-        from megalign.model import GPTModel
-
+    def _build_model(self, vocab_size: int) -> ModelChunks:
         model_config, options, dtype = self.config.model_config(vocab_size=vocab_size), self.config.model_options(), \
             _model_dtype(self.config)
         backend = check_attention_backend(options.attention_backend, self.device, dtype)
-        model = GPTModel(model_config, options=options).to(device=self.device, dtype=dtype)
-        count = sum(p.numel() for p in model.parameters())
+        p = self.config.parallel
+        model = ModelChunks(model_config, options, self.state, self.config.num_model_chunks,
+                            p.decoder_first_pipeline_num_layers, p.decoder_last_pipeline_num_layers)
+        model = model.to(device=self.device, dtype=dtype)
+        count = sum(param.numel() for param in model.parameters())
         recompute = options.recompute_granularity or "none"
         if options.recompute_granularity == "full":
             recompute += f" ({options.recompute_method}, {options.recompute_num_layers} layers)"
-        self._log(f"model: {format_count(count)} parameters, {model_config.num_layers} layers, hidden "
+        layout = (f"TP {self.state.tensor_model_parallel_size}, PP {self.state.pipeline_model_parallel_size}"
+                  f"{f' x {model.spec.num_chunks} chunks' if model.spec.num_chunks > 1 else ''}, DP "
+                  f"{self.state.data_parallel_size}{', sequence parallel' if self.state.sequence_parallel else ''}")
+        self._log(f"model: {format_count(count)} parameters on this rank, {model_config.num_layers} layers, hidden "
                   f"{model_config.hidden_size}, dtype {dtype}, device {self.device}, attention {backend}, "
-                  f"recompute {recompute}")
+                  f"recompute {recompute}, layout {layout}")
         if self.config.misc.torch_compile:
-            for layer in model.layers.values():  # per layer (as torchtitan does): compiles once, reused by every layer
+            for layer in model.layers():  # per layer (as torchtitan does): compiles once, reused by every layer
                 layer.compile()
             self._log("torch.compile: decoder layers compile on the first step")
         self.flops_per_token = flops_per_token(model_config, self.config.model.seq_length)
@@ -213,19 +231,7 @@ class Trainer:
         return checkpoint
 
     def _load_weights(self, checkpoint: Checkpoint) -> None:
-        state = checkpoint.model_state()
-        ours = self.model.state_dict()
-        missing, unexpected = sorted(set(ours) - set(state)), sorted(set(state) - set(ours))
-        if missing or unexpected:
-            raise DataFormatError(f"{checkpoint.path}: model tensors do not match this model (missing "
-                                  f"{missing[:3]}, unexpected {unexpected[:3]}); was it saved from another shape?")
-        for name, tensor in state.items():
-            if tuple(tensor.shape) != tuple(ours[name].shape):
-                raise DataFormatError(f"{checkpoint.path}: tensor {name} has shape {tuple(tensor.shape)}, this "
-                                      f"model's has {tuple(ours[name].shape)}; check --model-preset and shape flags")
-        with torch.no_grad():
-            for name, tensor in state.items():
-                ours[name].copy_(tensor)
+        self.checkpoints.load_weights(checkpoint)
         self._log(f"loaded weights from {checkpoint.path} (step {checkpoint.step})")
 
     def _resume(self, checkpoint: Checkpoint) -> None:
@@ -235,11 +241,13 @@ class Trainer:
             raise DataFormatError(f"{checkpoint.path}: lacks trainer state {missing}; resume needs a checkpoint "
                                   "written by `megalign train` (or use --finetune to load only the weights)")
         self._load_weights(checkpoint)
-        self.optimizer.load_state_dict_tensors(checkpoint.optimizer_state(), extra["optimizer"])
+        self.checkpoints.load_optimizer(checkpoint, self.optimizer, extra["optimizer"])
         self.schedule.load_state_dict(extra["lr_schedule"])
         self.scaler.load_state_dict(extra["loss_scaler"])
         self.tracker.load_state_dict(extra["skipped_steps"])
-        checkpoint.restore_rng()
+        if not self.checkpoints.restore_rng(checkpoint):
+            self._log("note: the checkpoint was saved at another layout; RNG states start fresh (the model has "
+                      "no dropout and the data order follows the consumed samples)")
         self.iteration, self.consumed_samples = checkpoint.step, checkpoint.consumed_samples
         if self.iteration >= self.train_iters:
             raise ConfigError(f"--load {self.config.checkpointing.load}: the checkpoint is at step {self.iteration}, "
@@ -247,56 +255,56 @@ class Trainer:
         self._log(f"resumed at step {self.iteration} ({self.consumed_samples} samples consumed)")
 
     # ---- the loop ---------------------------------------------------------------------------------------
-    def _forward_loss(self, batch: Dict[str, torch.Tensor]) -> torch.Tensor:
-        tokens = batch["tokens"]
-        if int(tokens.max()) >= self.vocab_size or int(tokens.min()) < 0:
-            bad = int(tokens.max()) if int(tokens.max()) >= self.vocab_size else int(tokens.min())
-            raise DataFormatError(f"--data-path {' '.join(self.config.data.data_path)}: token id {bad} is outside "
-                                  f"the model's vocabulary of {self.vocab_size}; the data was tokenized with "
-                                  "another tokenizer than --tokenizer-model (or --vocab-size is too small)")
-        return self.model(**batches.model_inputs(batch, self.device))
+    def _check_tokens(self, micro: List[Dict[str, torch.Tensor]]) -> None:
+        for batch in micro:
+            tokens = batch["tokens"]
+            high, low = int(tokens.max()), int(tokens.min())
+            if high >= self.vocab_size or low < 0:
+                bad = high if high >= self.vocab_size else low
+                raise DataFormatError(f"--data-path {' '.join(self.config.data.data_path)}: token id {bad} is outside "
+                                      f"the model's vocabulary of {self.vocab_size}; the data was tokenized with "
+                                      "another tokenizer than --tokenizer-model (or --vocab-size is too small)")
+
+    def _micro_batches(self, dataset, consumed: int) -> Iterator[Dict[str, torch.Tensor]]:
+        return batches.micro_batches(dataset, consumed, self.config.optimization.micro_batch_size,
+                                     self.state.data_parallel_rank, self.state.data_parallel_size)
+
+    def _backward_context(self, is_last: bool):
+        """No data-parallel gradient reduction before the last backward pass of a step."""
+        return contextlib.nullcontext() if is_last else self.optimizer.no_sync()
 
     def train_step(self, micro: List[Dict[str, torch.Tensor]]):
-        """One optimizer step over the micro-batches of a global batch; returns (mean loss, StepResult)."""
+        """One optimizer step over this rank's micro-batches of a global batch; returns (mean loss, StepResult).
+
+        The loss is the global batch's mean on the logging rank (NaN on pipeline stages without the loss).
+        """
+        self._check_tokens(micro)
         self.model.train()
         self.optimizer.zero_grad()
-        total = torch.zeros((), dtype=torch.float32, device=self.device)
-        for batch in micro:
-            loss = self._forward_loss(batch).float() / len(micro)
-            self.scaler.scale(loss).backward()
-            total += loss.detach()
+        loss = self.model.train_step(micro, self.device, _model_dtype(self.config), self.scaler.scale,
+                                     self._backward_context)
         result = self.optimizer.step(self.scaler)
         if not result.skipped:
             self.schedule.step(self.optimizer)
-        return float(total.item()), result
+        return float(loss.item()), result
 
-    @torch.no_grad()
     def evaluate(self) -> float:
         """Mean validation loss over the first --eval-iters global batches."""
         self.model.eval()
-        stream = batches.micro_batches(self.valid_data, 0, self.config.optimization.micro_batch_size)
         count = self.config.logging.eval_iters * self.num_microbatches
-        losses = [self._forward_loss(batch).float() for batch in batches.take(stream, count, "validation")]
+        micro = batches.take(self._micro_batches(self.valid_data, 0), count, "validation")
+        self._check_tokens(micro)
+        loss = self.model.evaluate(micro, self.device, _model_dtype(self.config))
         self.model.train()
-        return float(torch.stack(losses).mean().item())
+        return float(loss.item())
 
     def save(self) -> str:
-        """Checkpoint the current step to --save (in the background with --async-save); returns its path."""
+        """Checkpoint the current step to --save (every rank takes part); returns its path."""
         c = self.config.checkpointing
         extra = {"lr_schedule": self.schedule.state_dict(), "loss_scaler": self.scaler.state_dict(),
                  "skipped_steps": self.tracker.state_dict(), "optimizer": self.optimizer.state_dict_json()}
-        metadata = dict(config=self.config.to_dict(), consumed_samples=self.consumed_samples, extra=extra,
-                        keep_last=c.keep_last)
-        if self.async_saver is not None:
-            self.async_saver.submit(c.save, self.iteration, self.model.state_dict(),
-                                    self.optimizer.state_dict_tensors(), **metadata)
-            path = Path(c.save) / iter_dir_name(self.iteration)
-            self._log(f"saving checkpoint {path} in the background")
-            return str(path)
-        path = save_checkpoint(c.save, self.iteration, self.model.state_dict(), self.optimizer.state_dict_tensors(),
-                               **metadata)
-        self._log(f"saved checkpoint {path}")
-        return str(path)
+        return self.checkpoints.save(c.save, self.iteration, self.optimizer, config=self.config.to_dict(),
+                                     consumed_samples=self.consumed_samples, extra=extra, keep_last=c.keep_last)
 
     def train(self, stop_after: Optional[int] = None) -> TrainResult:
         """Train to --train-iters (or to step ``stop_after``, saving there like Megatron's --exit-interval).
@@ -307,28 +315,29 @@ class Trainer:
         log_cfg = self.config.logging
         logger = StepLogger(self.stream, self.device, self._throughput_meter(),
                             self.global_batch_size * self.config.model.seq_length, self.global_batch_size,
-                            self.train_iters, log_cfg.log_interval, log_cfg.tensorboard_dir,
+                            self.train_iters, log_cfg.log_interval,
+                            log_cfg.tensorboard_dir if self.state.is_logging_rank else None,
                             log_cfg.tensorboard_log_interval)
         try:
             with PreemptionHandler() as preemption:
                 result = self._loop(stop_after, preemption, logger)
         finally:
             logger.close()
-            if self.async_saver is not None:
-                self.async_saver.wait()
+            self.checkpoints.wait()
         result.iteration, result.consumed_samples = self.iteration, self.consumed_samples
+        result.logging_rank = self.state.is_logging_rank
         return result
 
     def _throughput_meter(self) -> ThroughputMeter:
+        """TFLOP/s and MFU per device: the job's model FLOPs shared by its ranks."""
         peak = peak_tflops(self.device, _model_dtype(self.config), self.config.logging.peak_tflops)
-        return ThroughputMeter(self.flops_per_token, peak)
+        return ThroughputMeter(self.flops_per_token // self.state.world_size, peak)
 
     def _loop(self, stop_after: Optional[int], preemption: PreemptionHandler, logger: StepLogger) -> TrainResult:
         c, log_cfg = self.config.checkpointing, self.config.logging
         last = self.train_iters if stop_after is None else min(stop_after, self.train_iters)
         result = TrainResult(self.iteration, self.consumed_samples)
-        stream: Iterator[Dict[str, torch.Tensor]] = batches.micro_batches(
-            self.train_data, self.consumed_samples, self.config.optimization.micro_batch_size)
+        stream = self._micro_batches(self.train_data, self.consumed_samples)
         while self.iteration < last:
             lr = self.schedule.current_lr  # the rate this step uses
             loss, step = self.train_step(batches.take(stream, self.num_microbatches, "training"))
@@ -352,8 +361,8 @@ class Trainer:
                                                 or self.iteration == last)
             if saved_now:
                 result.checkpoint = self.save()
-            if preemption.requested:
-                self._stop_for_signal(preemption.signal_name, result, saved_now)
+            if any_rank(preemption.requested, self.device):
+                self._stop_for_signal(preemption.signal_name or "a signal on another rank", result, saved_now)
                 break
         return result
 
@@ -366,15 +375,13 @@ class Trainer:
             return
         if not saved_now:
             result.checkpoint = self.save()
-        if self.async_saver is not None:
-            self.async_saver.wait()
+        self.checkpoints.wait()
         self._log(f"received {name}: saved checkpoint {result.checkpoint} at step {self.iteration}, exiting "
                   f"(resume with --load {self.config.checkpointing.save})")
 
     def close(self) -> None:
         """Finish a background save, detach the optimizer's gradient hooks and close the checkpoint."""
-        if self.async_saver is not None:
-            self.async_saver.wait()
+        self.checkpoints.wait()
         self.optimizer.close()
         if self.checkpoint is not None:
             self.checkpoint.close()
@@ -397,6 +404,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def main(args: argparse.Namespace) -> int:
     """Entry point of ``megalign train`` / pretrain_gpt.py."""
     result = train(config_from_namespace(args))
+    if not result.logging_rank:
+        return 0
     if result.preempted_by is not None:
         print(f"training stopped by {result.preempted_by} at step {result.iteration} ({result.consumed_samples} "
               "samples)", flush=True)

@@ -16,7 +16,9 @@ def test_demo_runs_end_to_end(tmp_path: Path, repo_root: Path) -> None:
     out = result.stdout
     for step in ("1. Train a tokenizer", "2. Split the corpus", "3. Merge", "4. Blended GPT datasets",
                  "5. Train the tiny", "6. Resume", "resumed at step 60", "training finished at step 120",
-                 "7. Supervised fine-tuning", "400 conversations", "loaded weights from", "training finished at step 40",
+                 "7. Parallel training", "layout TP 2, PP 2, DP 1, sequence parallel",
+                 "training finished at step 20", "loaded weights from", "training finished at step 30",
+                 "8. Supervised fine-tuning", "400 conversations", "loaded weights from", "training finished at step 40",
                  "demo finished"):
         assert step in out
     assert (workdir / "tokenizer" / "tokenizer.model").is_file()
@@ -25,6 +27,8 @@ def test_demo_runs_end_to_end(tmp_path: Path, repo_root: Path) -> None:
     assert "train[0]: 128 tokens" in out
     assert (workdir / "checkpoints" / "iter_0000120" / "metadata.json").is_file()
     assert (workdir / "worker_checkpoints" / "iter_0000040" / "metadata.json").is_file()
+    assert (workdir / "parallel_checkpoints" / "iter_0000030" / "metadata.json").is_file()
+    assert out.count("training finished at step 20") == 1  # only the logging rank of the parallel job prints
     assert "recompute selective" in out
     from megalign.utils.tensorboard import read_scalars
 

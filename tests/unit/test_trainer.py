@@ -76,7 +76,7 @@ def test_finetune_loads_weights_only(data_prefix: str, sentencepiece_model: Path
         assert trainer.iteration == 0 and trainer.consumed_samples == 0 and trainer.schedule.num_steps == 0
         with load_checkpoint(tmp_path / "a") as saved:
             state = saved.model_state()
-        assert all(torch.equal(state[k], v) for k, v in trainer.model.state_dict().items())
+        assert all(torch.equal(state[k], v) for k, v in trainer.model.model_state().items())
     finally:
         trainer.close()
 

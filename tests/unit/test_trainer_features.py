@@ -93,14 +93,15 @@ def test_nan_steps_are_skipped_then_abort_with_checkpoint(data_prefix: str, sent
                                "--max-consecutive-skipped-steps", "3", "--log-interval", "1"))
     log = io.StringIO()
     trainer = Trainer(config, stream=log)
-    forward, calls = trainer._forward_loss, []
+    model = trainer.model.chunks[0]
+    forward, calls = model.forward, []
 
-    def poisoned(batch):  # from step 3 on (2 micro-batches per step) every loss is NaN
+    def poisoned(*args, **kwargs):  # from step 3 on (2 micro-batches per step) every loss is NaN
         calls.append(1)
-        loss = forward(batch)
+        loss = forward(*args, **kwargs)
         return loss * float("nan") if len(calls) > 4 else loss
 
-    trainer._forward_loss = poisoned
+    model.forward = poisoned
     try:
         with pytest.raises(TooManyNonFiniteSteps, match="3"):
             trainer.train()
@@ -142,11 +143,16 @@ def test_torch_compile_matches_eager(data_prefix: str, sentencepiece_model: Path
     assert compiled.losses == pytest.approx(eager.losses, rel=1e-5)
 
 
-def test_multi_process_launch_is_refused_clearly(monkeypatch: pytest.MonkeyPatch, data_prefix: str,
-                                                 sentencepiece_model: Path, tmp_path: Path) -> None:
+def test_multi_process_flags_without_torchrun_fail_clearly(monkeypatch: pytest.MonkeyPatch, data_prefix: str,
+                                                            sentencepiece_model: Path, tmp_path: Path) -> None:
     from megalign.errors import ConfigError
 
     monkeypatch.setenv("WORLD_SIZE", "2")
-    with pytest.raises(ConfigError, match="WORLD_SIZE=2: `megalign train` runs as a single process for now"):
-        Trainer(load_config(_argv(data_prefix, sentencepiece_model, tmp_path / "cache", "--train-iters", "2")),
-                stream=io.StringIO())
+    for name in ("RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(name, raising=False)
+    argv = _argv(data_prefix, sentencepiece_model, tmp_path / "cache", "--train-iters", "2")
+    with pytest.raises(ConfigError, match="WORLD_SIZE=2 but RANK, MASTER_ADDR, MASTER_PORT is not set: launch with "
+                                          "torchrun"):
+        Trainer(load_config(argv), stream=io.StringIO())
+    with pytest.raises(ConfigError, match="--async-save is for single-process runs"):
+        Trainer(load_config(argv + ["--save", str(tmp_path / "s"), "--async-save"]), stream=io.StringIO())

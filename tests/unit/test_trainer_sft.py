@@ -46,14 +46,19 @@ def test_sft_loss_counts_only_the_replies(sft_prefix: str, sentencepiece_model: 
         batch = next(batches.micro_batches(trainer.train_data, 0, 4))
         mask = batch["loss_mask"]
         assert 0 < mask.sum() < mask.numel() and (mask[:, :5] == 0).all()  # system/prompt tokens come first
+        model = trainer.model.chunks[0]
         with torch.no_grad():
-            logits = trainer.model(batch["tokens"], position_ids=batch["position_ids"])
+            logits = model(batch["tokens"], position_ids=batch["position_ids"])
             per_token = cross_entropy(logits, batch["labels"], reduction="none")
             expected = (per_token * mask).sum() / mask.sum()
-            assert torch.allclose(trainer._forward_loss(batch), expected, rtol=1e-6)
+            assert torch.allclose(model(**batches.model_inputs(batch, torch.device("cpu"))), expected, rtol=1e-6)
+            # the trainer's evaluation runs the same loss (one micro-batch of one global batch)
+            assert trainer.model.evaluate([batch], torch.device("cpu"), torch.float32).item() == \
+                pytest.approx(expected.item(), rel=1e-6)
             # changing only the tokens the loss ignores (padding after the reply) leaves the loss unchanged
             padded = batch["labels"].masked_fill(mask == 0, 0)
-            assert torch.allclose(trainer._forward_loss({**batch, "labels": padded}), expected, rtol=1e-6)
+            assert torch.allclose(model(**batches.model_inputs({**batch, "labels": padded}, torch.device("cpu"))),
+                                  expected, rtol=1e-6)
     finally:
         trainer.close()
 
