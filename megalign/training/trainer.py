@@ -58,7 +58,7 @@ EXAMPLES = """examples:
 
 @dataclass
 class TrainResult:
-    """What a run did: the last step, samples consumed, per-step mean losses and evaluations.
+    """What a run did: the last step, samples consumed, per-step mean losses, gradient norms and evaluations.
 
     ``preempted_by`` names the signal (``"SIGTERM"``) that stopped the run early, if one did.
     """
@@ -66,6 +66,7 @@ class TrainResult:
     iteration: int
     consumed_samples: int
     losses: Dict[int, float] = field(default_factory=dict)
+    grad_norms: Dict[int, float] = field(default_factory=dict)  # global L2 norm before clipping (not skipped)
     evaluations: Dict[int, float] = field(default_factory=dict)
     checkpoint: Optional[str] = None
     preempted_by: Optional[str] = None
@@ -344,6 +345,8 @@ class Trainer:
             self.iteration += 1
             self.consumed_samples += self.global_batch_size
             result.losses[self.iteration] = loss
+            if step.grad_norm is not None:
+                result.grad_norms[self.iteration] = step.grad_norm
             logger.step(self.iteration, loss, lr, step.grad_norm, step.skipped, self.scaler.scale_value,
                         force=self.iteration == last)
             try:

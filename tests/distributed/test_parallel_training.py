@@ -24,7 +24,7 @@ def _argv(prefix: str, model: Path, cache: Path, *extra: str) -> List[str]:
 
 def _train_rank(rank: int, world: int, argv: List[str]) -> Dict[str, Dict[int, float]]:
     result = train(load_config(argv), stream=io.StringIO())
-    return {"losses": result.losses, "evaluations": result.evaluations}
+    return {"losses": result.losses, "evaluations": result.evaluations, "grad_norms": result.grad_norms}
 
 
 def _logged(results: List[Dict]) -> Dict[str, Dict[int, float]]:
@@ -39,7 +39,8 @@ def single(data_prefix: str, sentencepiece_model: Path, tmp_path_factory: pytest
     cache = tmp_path_factory.mktemp("cache")
     result = train(load_config(_argv(data_prefix, sentencepiece_model, cache, "--train-iters", str(2 * STEPS))),
                    stream=io.StringIO())
-    return {"losses": result.losses, "evaluations": result.evaluations, "cache": cache}
+    return {"losses": result.losses, "evaluations": result.evaluations, "grad_norms": result.grad_norms,
+            "cache": cache}
 
 
 LAYOUTS = {
@@ -72,6 +73,11 @@ def test_losses_equal_the_single_process_run(distributed, single: Dict, data_pre
         assert loss == pytest.approx(single["losses"][step], rel=2e-5, abs=2e-6), (layout, step)
     for step, loss in got["evaluations"].items():
         assert loss == pytest.approx(single["evaluations"][step], rel=2e-5, abs=2e-6), (layout, step)
+    # the global gradient norm (all ranks' shards, replicated parameters counted once) of every step, the first
+    # step's included: the gradients agree, not only the losses
+    assert sorted(got["grad_norms"]) == list(range(1, STEPS + 1))
+    for step, norm in got["grad_norms"].items():
+        assert norm == pytest.approx(single["grad_norms"][step], rel=1e-4), (layout, step)
 
 
 @pytest.mark.parametrize("resume_layout", [["--pipeline-model-parallel-size", "4"],
@@ -124,3 +130,4 @@ def test_full_layout_grid(distributed, single: Dict, data_prefix: str, sentencep
                                                                *flags)))
     for step, loss in got["losses"].items():
         assert loss == pytest.approx(single["losses"][step], rel=2e-5, abs=2e-6), step
+        assert got["grad_norms"][step] == pytest.approx(single["grad_norms"][step], rel=1e-4), step
