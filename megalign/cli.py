@@ -22,6 +22,8 @@ COMMANDS: Dict[str, Tuple[str, str]] = {
     ),
     "merge-datasets": ("megalign.data.merge_datasets", "merge finished .bin/.idx shards into one dataset"),
     "train": ("megalign.training.trainer", "train a GPT model on preprocessed data (pretrain_gpt.py)"),
+    "convert": ("megalign.convert.cli", "convert checkpoints between Hugging Face and megalign (hf-to-megalign, "
+                                        "megalign-to-hf)"),
     "estimate-memory": ("megalign.parallel.memory_cli", "theoretical memory per rank of a preset at TPxPPxDP layouts"),
     "demo": ("megalign.demo", "run the end-to-end demo on the shipped sample corpus (CPU)"),
 }

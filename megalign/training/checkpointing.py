@@ -102,6 +102,23 @@ def _unsplit_specs(states: Mapping[str, torch.Tensor], group: str, fname: str) -
     return specs
 
 
+def write_metadata(directory: Path, metadata: Mapping[str, Any]) -> None:
+    """Write ``metadata.json`` into the (temporary) checkpoint ``directory`` and make it durable."""
+    with open(directory / METADATA_FILE, "w", encoding="utf-8") as handle:
+        json.dump(metadata, handle, ensure_ascii=False, indent=1, sort_keys=True)
+        handle.flush()
+        os.fsync(handle.fileno())
+    fsync_dir(directory)
+
+
+def open_safetensors(path: Path) -> Any:
+    """A lazy safetensors handle (``safe_open``); DataFormatError naming the file when it cannot be opened."""
+    try:
+        return safetensors.safe_open(str(path), framework="pt")
+    except Exception as exc:  # safetensors raises its own SafetensorError type
+        raise DataFormatError(f"{path}: cannot open safetensors file: {exc}") from None
+
+
 def json_or_raise(value: Any, what: str) -> Any:
     try:
         return json.loads(json.dumps(value, allow_nan=False))
@@ -157,12 +174,7 @@ def save_checkpoint(save_dir: PathLike, step: int, model_state: Mapping[str, tor
             rng_tensors, rng_info = capture_rng_state() if rng is True else rng
             files[rng_file_name(0)] = {"kind": "rng", "rank": 0,
                                        **write_safetensors(tmp / rng_file_name(0), rng_tensors, rng_info)}
-        metadata = {**header, "files": files, "tensors": {name: s.to_json() for name, s in specs.items()}}
-        with open(tmp / METADATA_FILE, "w", encoding="utf-8") as handle:
-            json.dump(metadata, handle, ensure_ascii=False, indent=1, sort_keys=True)
-            handle.flush()
-            os.fsync(handle.fileno())
-        fsync_dir(tmp)
+        write_metadata(tmp, {**header, "files": files, "tensors": {name: s.to_json() for name, s in specs.items()}})
         final = root / iter_dir_name(step)
         install_directory(tmp, final)
     except BaseException:
@@ -254,10 +266,7 @@ class Checkpoint:
 
     def _open(self, fname: str) -> Any:
         if fname not in self._handles:
-            try:
-                self._handles[fname] = safetensors.safe_open(str(self.path / fname), framework="pt")
-            except Exception as exc:  # safetensors raises its own SafetensorError type
-                raise DataFormatError(f"{self.path / fname}: cannot open safetensors file: {exc}") from None
+            self._handles[fname] = open_safetensors(self.path / fname)
         return self._handles[fname]
 
     def read_tensor(self, name: str, axis: int | None = None, start: int = 0, stop: int | None = None

@@ -37,7 +37,7 @@ from torch import nn
 
 from megalign.errors import ConfigError, DataFormatError
 from megalign.parallel.data_parallel import DataParallelGrads
-from megalign.training.loss_scale import LossScaler, unscale_and_check
+from megalign.training.loss_scale import LossScaler
 
 logger = logging.getLogger(__name__)
 

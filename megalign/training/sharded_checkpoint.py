@@ -17,8 +17,6 @@ installs the directory; ``latest_checkpointed_iteration.txt`` moves only after e
 """
 from __future__ import annotations
 
-import json
-import os
 import shutil
 import uuid
 from pathlib import Path
@@ -28,11 +26,11 @@ import torch
 import torch.distributed as dist
 
 from megalign.parallel.state import ParallelState
-from megalign.training.checkpoint_format import (FORMAT_NAME, FORMAT_VERSION, LATEST_FILE, METADATA_FILE, ShardSpec,
-                                                 TensorSpec, dtype_name, fsync_dir, iter_dir_name, model_file_name,
-                                                 optim_file_name, rng_file_name)
+from megalign.training.checkpoint_format import (FORMAT_NAME, FORMAT_VERSION, LATEST_FILE, ShardSpec, TensorSpec,
+                                                 dtype_name, iter_dir_name, model_file_name, optim_file_name,
+                                                 rng_file_name)
 from megalign.training.checkpointing import (Checkpoint, capture_rng_state, install_directory, json_or_raise,
-                                             prune_checkpoints, read_latest_step, write_safetensors)
+                                             prune_checkpoints, read_latest_step, write_metadata, write_safetensors)
 from megalign.utils.atomic import atomic_write
 
 __all__ = ["local_part", "read_local_shard", "save_sharded_checkpoint"]
@@ -163,11 +161,7 @@ def _write_metadata(tmp: Path, step: int, state: ParallelState, gathered: List[A
                 "parallel": {"tensor": state.tensor_model_parallel_size,
                              "pipeline": state.pipeline_model_parallel_size, "data": state.data_parallel_size},
                 "files": files, "tensors": {name: spec.to_json() for name, spec in sorted(tensors.items())}}
-    with open(tmp / METADATA_FILE, "w", encoding="utf-8") as handle:
-        json.dump(metadata, handle, ensure_ascii=False, indent=1, sort_keys=True)
-        handle.flush()
-        os.fsync(handle.fileno())
-    fsync_dir(tmp)
+    write_metadata(tmp, metadata)
 
 
 def read_local_shard(checkpoint: Checkpoint, name: str, local_shape: Tuple[int, ...],

@@ -13,7 +13,6 @@ from typing import Callable, Dict, List
 
 import pytest
 
-from megalign.config import load_config
 from megalign.training.checkpointing import list_checkpoints, load_checkpoint, read_latest_step
 from megalign.training.preemption import PreemptionHandler
 

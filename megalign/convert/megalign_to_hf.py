@@ -1,0 +1,189 @@
+"""Export a megalign checkpoint (any TP/PP layout) as a Hugging Face LlamaForCausalLM / Qwen2ForCausalLM folder.
+
+Whole global tensors are read one at a time (``Checkpoint.read_tensor`` assembles them from whatever files
+hold their parts), the vocabulary padding is stripped back to the HF vocabulary size recorded at import
+(``extra["hf"]["vocab_size"]``, or ``vocab_size`` given by the caller), and the tensors are written in
+size-bounded shards ``model-0000i-of-0000n.safetensors`` with ``model.safetensors.index.json`` (one
+``model.safetensors`` when everything fits one shard), next to ``config.json``, ``generation_config.json``
+and the tokenizer files kept in ``LOAD/tokenizer/``. The folder is built in a temp directory and renamed
+into place. Memory: about one shard.
+"""
+from __future__ import annotations
+
+import dataclasses
+import re
+import shutil
+import uuid
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Tuple, Union
+
+import torch
+
+from megalign.convert.hf_files import GENERATION_CONFIG, copy_tokenizer_files
+from megalign.convert.hf_to_megalign import TOKENIZER_DIR, VOCAB_TENSORS
+from megalign.errors import ConfigError, DataFormatError
+from megalign.model.config import ModelConfig, to_hf_config
+from megalign.model.hf_weights import weight_names
+from megalign.training.checkpoint_format import fsync_dir
+from megalign.training.checkpointing import Checkpoint, load_checkpoint, write_safetensors
+from megalign.utils.atomic import write_json_atomic
+from megalign.utils.progress import ProgressMeter
+
+__all__ = ["DTYPES", "convert_megalign_to_hf", "describe", "parse_size"]
+
+DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}
+_TOKEN_IDS = ("bos_token_id", "eos_token_id", "pad_token_id")
+_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?i?B)?\s*$", re.IGNORECASE)
+_UNITS = {"": 1, "B": 1, "KB": 10 ** 3, "MB": 10 ** 6, "GB": 10 ** 9, "TB": 10 ** 12,
+          "KIB": 2 ** 10, "MIB": 2 ** 20, "GIB": 2 ** 30, "TIB": 2 ** 40}
+PathLike = Union[str, Path]
+
+
+def parse_size(text: Union[str, int]) -> int:
+    """Bytes in ``"5GB"`` (decimal units, as transformers), ``"500MiB"`` (binary) or a plain integer."""
+    if isinstance(text, int):
+        value = text
+    else:
+        match = _SIZE_RE.match(text)
+        if not match:
+            raise ConfigError(f"--max-shard-size {text!r}: expected a size such as 5GB, 500MB or 2GiB")
+        value = int(float(match.group(1)) * _UNITS[(match.group(2) or "").upper()])
+    if value <= 0:
+        raise ConfigError(f"--max-shard-size {text!r} must be positive")
+    return value
+
+
+def _model_config(checkpoint: Checkpoint) -> ModelConfig:
+    """The (padded) model shape: recorded at import, or the training config of a trainer checkpoint."""
+    stored = checkpoint.config.get("model_config")
+    if isinstance(stored, dict):
+        return ModelConfig.from_dict(stored)
+    if "model" in checkpoint.config:
+        from megalign.config import TrainingConfig
+
+        embed = checkpoint.metadata.tensors.get("embed_tokens.weight")
+        if embed is None:
+            raise DataFormatError(f"{checkpoint.path}: has no tensor embed_tokens.weight")
+        return TrainingConfig.from_dict(checkpoint.config).model_config(vocab_size=embed.shape[0])
+    raise DataFormatError(f"{checkpoint.path}: metadata holds no model config (neither 'model_config' from "
+                          "`megalign convert hf-to-megalign` nor a training config from `megalign train`)")
+
+
+def _hf_info(checkpoint: Checkpoint, padded: int, vocab_size: Optional[int]) -> Tuple[int, Optional[str], Dict]:
+    """(HF vocabulary size, architecture or None, original config.json or {})."""
+    hf = checkpoint.extra.get("hf") if isinstance(checkpoint.extra.get("hf"), dict) else {}
+    vocab = vocab_size if vocab_size is not None else hf.get("vocab_size", padded)
+    if not isinstance(vocab, int) or not 0 < vocab <= padded:
+        raise ConfigError(f"vocabulary size {vocab!r} must be a positive integer <= the checkpoint's {padded} rows")
+    original = hf.get("config") if isinstance(hf.get("config"), dict) else {}
+    return vocab, hf.get("architecture"), original
+
+
+class _ShardWriter:
+    """Accumulates tensors and writes a safetensors shard whenever the next tensor would exceed the limit."""
+
+    def __init__(self, directory: Path, max_bytes: int) -> None:
+        self.directory, self.max_bytes = directory, max_bytes
+        self.pending: Dict[str, torch.Tensor] = {}
+        self.pending_bytes = 0
+        self.shards: List[List[str]] = []
+        self.total_bytes = 0
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        nbytes = tensor.numel() * tensor.element_size()
+        if self.pending and self.pending_bytes + nbytes > self.max_bytes:
+            self.flush()
+        self.pending[name] = tensor
+        self.pending_bytes += nbytes
+        self.total_bytes += nbytes
+
+    def flush(self) -> None:
+        if self.pending:
+            write_safetensors(self.directory / f".shard{len(self.shards)}", self.pending, {"format": "pt"})
+            self.shards.append(list(self.pending))
+            self.pending, self.pending_bytes = {}, 0
+
+    def finish(self) -> None:
+        """Name the shards (one: model.safetensors; several: numbered, plus the index)."""
+        self.flush()
+        count = len(self.shards)
+        if count == 1:
+            (self.directory / ".shard0").rename(self.directory / "model.safetensors")
+            return
+        weight_map = {}
+        for i, names in enumerate(self.shards):
+            fname = f"model-{i + 1:05d}-of-{count:05d}.safetensors"
+            (self.directory / f".shard{i}").rename(self.directory / fname)
+            weight_map.update({name: fname for name in names})
+        write_json_atomic(self.directory / "model.safetensors.index.json",
+                          {"metadata": {"total_size": self.total_bytes}, "weight_map": weight_map})
+
+
+def convert_megalign_to_hf(load_dir: PathLike, hf_dir: PathLike, dtype: str = "bf16", max_shard_size: Any = "5GB",
+                           step: Optional[int] = None, vocab_size: Optional[int] = None, progress: bool = True) -> Path:
+    """Write the checkpoint in ``load_dir`` (latest, or ``step``) as a Hugging Face folder ``hf_dir``.
+
+    ``dtype``: bf16, fp16 or fp32. ``vocab_size`` overrides the HF vocabulary size recorded at import
+    (needed for a trainer checkpoint whose padding should be stripped). ``hf_dir`` must not exist or be
+    empty. Returns ``hf_dir``.
+    """
+    if dtype not in DTYPES:
+        raise ConfigError(f"--dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
+    max_bytes = parse_size(max_shard_size)
+    target = Path(hf_dir)
+    if target.exists() and (not target.is_dir() or any(target.iterdir())):
+        raise ConfigError(f"--hf-dir {target}: exists and is not an empty directory; choose a new one")
+    checkpoint = load_checkpoint(load_dir, step)
+    padded_config = _model_config(checkpoint)
+    vocab, architecture, original = _hf_info(checkpoint, padded_config.vocab_size, vocab_size)
+    config = dataclasses.replace(padded_config, vocab_size=vocab)
+    hf_config = {**{k: original[k] for k in _TOKEN_IDS if k in original}, **to_hf_config(config, architecture),
+                 "torch_dtype": str(DTYPES[dtype]).replace("torch.", "")}
+    names = weight_names(config)
+    stored = checkpoint.metadata.tensors
+    missing = [ours for ours, _, _ in names if ours not in stored]
+    if missing:
+        raise DataFormatError(f"{checkpoint.path}: missing tensor {missing[0]} that the model config requires")
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.parent / f".{target.name}.tmp-{uuid.uuid4().hex}"
+    tmp.mkdir()
+    meter = ProgressMeter("megalign-to-hf", total=len(names), unit="tensors", enabled=progress)
+    try:
+        writer = _ShardWriter(tmp, max_bytes)
+        for ours, hf_name, shape in names:
+            tensor = (checkpoint.read_tensor(ours, 0, 0, vocab) if ours in VOCAB_TENSORS
+                      else checkpoint.read_tensor(ours))
+            if tuple(tensor.shape) != shape:
+                raise DataFormatError(f"{checkpoint.path}: tensor {ours} has shape {list(stored[ours].shape)}, the "
+                                      f"model config implies {list(shape)}")
+            tensor = tensor.to(DTYPES[dtype])
+            writer.add(hf_name, tensor)
+            meter.update(tensors=1, bytes=tensor.numel() * tensor.element_size())
+        writer.finish()
+        write_json_atomic(tmp / "config.json", hf_config)
+        tokenizer_dir = checkpoint.path.parent / TOKENIZER_DIR
+        if tokenizer_dir.is_dir():
+            copy_tokenizer_files(tokenizer_dir, tmp)
+        if not (tmp / GENERATION_CONFIG).exists():
+            write_json_atomic(tmp / GENERATION_CONFIG, {**{k: original[k] for k in _TOKEN_IDS if k in original},
+                                                        "_from_model_config": True})
+        fsync_dir(tmp)
+        if target.exists():
+            target.rmdir()
+        tmp.rename(target)
+        fsync_dir(target.parent)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    finally:
+        checkpoint.close()
+    meter.close()
+    return target
+
+
+def describe(path: Path) -> str:
+    """One line naming the files of an exported folder (for the CLI's summary)."""
+    files = sorted(p.name for p in path.iterdir())
+    return f"{path}: {len(files)} files ({', '.join(files[:6])}{', ...' if len(files) > 6 else ''})"
+
