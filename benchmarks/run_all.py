@@ -23,6 +23,7 @@ BENCHMARKS: Dict[str, tuple] = {
     "sample_reads.py": ([], ["--num-documents", "50000", "--num-tokens", "100000000", "--num-reads", "5000"]),
     "train_throughput.py": ([], ["--quick"]),
     "parallel_memory.py": ([], ["--quick"]),
+    "convert_memory.py": ([], ["--quick"]),
 }
 
 

@@ -64,7 +64,9 @@ def _model_config(checkpoint: Checkpoint) -> ModelConfig:
         embed = checkpoint.metadata.tensors.get("embed_tokens.weight")
         if embed is None:
             raise DataFormatError(f"{checkpoint.path}: has no tensor embed_tokens.weight")
-        return TrainingConfig.from_dict(checkpoint.config).model_config(vocab_size=embed.shape[0])
+        # the saving job's layout is not this process's: leave the parallel section out of the validation
+        training = {key: value for key, value in checkpoint.config.items() if key != "parallel"}
+        return TrainingConfig.from_dict(training).model_config(vocab_size=embed.shape[0])
     raise DataFormatError(f"{checkpoint.path}: metadata holds no model config (neither 'model_config' from "
                           "`megalign convert hf-to-megalign` nor a training config from `megalign train`)")
 
