@@ -139,6 +139,10 @@ class HFModelFolder:
             raise DataFormatError(f"{self.path / fname}: cannot read tensor {name!r}: {exc}") from None
         return tensor.contiguous()
 
+    def release_maps(self) -> None:
+        """Unmap the safetensors files (reopened lazily): pages read so far stop counting in this process's RSS."""
+        self._safe.clear()
+
     def close(self) -> None:
         """Drop open handles and memory maps."""
         self._safe.clear()

@@ -136,7 +136,15 @@ def _check_tensors(folder: HFModelFolder, config: ModelConfig, entries: List[_En
 
 
 def _read_part(folder: HFModelFolder, entry: _Entry, part: int) -> torch.Tensor:
-    """Part ``part`` of the padded global tensor, read lazily; rows past the HF vocabulary are zeros."""
+    """Part ``part`` of the padded global tensor, read lazily (the input stays unmapped between reads, so
+    memory holds the parts being written, not the model); rows past the HF vocabulary are zeros."""
+    try:
+        return _read_padded_part(folder, entry, part)
+    finally:
+        folder.release_maps()
+
+
+def _read_padded_part(folder: HFModelFolder, entry: _Entry, part: int) -> torch.Tensor:
     if entry.axis is None:
         return folder.read(entry.hf_name)
     size = entry.shape[entry.axis] // entry.pieces

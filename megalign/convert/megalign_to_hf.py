@@ -11,8 +11,12 @@ into place. Memory: about one shard.
 from __future__ import annotations
 
 import dataclasses
+import json
+import math
+import os
 import re
 import shutil
+import struct
 import uuid
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple, Union
@@ -25,7 +29,7 @@ from megalign.errors import ConfigError, DataFormatError
 from megalign.model.config import ModelConfig, to_hf_config
 from megalign.model.hf_weights import weight_names
 from megalign.training.checkpoint_format import fsync_dir
-from megalign.training.checkpointing import Checkpoint, load_checkpoint, write_safetensors
+from megalign.training.checkpointing import Checkpoint, load_checkpoint
 from megalign.utils.atomic import write_json_atomic
 from megalign.utils.progress import ProgressMeter
 
@@ -81,42 +85,77 @@ def _hf_info(checkpoint: Checkpoint, padded: int, vocab_size: Optional[int]) -> 
     return vocab, hf.get("architecture"), original
 
 
-class _ShardWriter:
-    """Accumulates tensors and writes a safetensors shard whenever the next tensor would exceed the limit."""
+_SAFETENSORS_CODES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}
 
-    def __init__(self, directory: Path, max_bytes: int) -> None:
-        self.directory, self.max_bytes = directory, max_bytes
-        self.pending: Dict[str, torch.Tensor] = {}
-        self.pending_bytes = 0
-        self.shards: List[List[str]] = []
-        self.total_bytes = 0
+
+class _ShardWriter:
+    """Streams tensors into size-bounded safetensors shards: the shards and every header are planned from the
+    tensors' names, shapes and dtype up front, so each tensor is written as soon as it is read and memory
+    holds one tensor at a time, not a shard."""
+
+    def __init__(self, directory: Path, max_bytes: int, entries: List[Tuple[str, Tuple[int, ...]]],
+                 dtype: torch.dtype) -> None:
+        self.directory, self.dtype = directory, dtype
+        itemsize = torch.empty((), dtype=dtype).element_size()
+        self.shards: List[List[Tuple[str, Tuple[int, ...], int]]] = [[]]
+        size = 0
+        for name, shape in entries:
+            nbytes = math.prod(shape) * itemsize
+            if self.shards[-1] and size + nbytes > max_bytes:
+                self.shards.append([])
+                size = 0
+            self.shards[-1].append((name, tuple(shape), nbytes))
+            size += nbytes
+        self.total_bytes = sum(n for shard in self.shards for _, _, n in shard)
+        self.shard_of = {name: i for i, shard in enumerate(self.shards) for name, _, _ in shard}
+        self.handle: Optional[Any] = None
+        self.current = -1
+        self.expected: List[str] = []
+
+    def _open(self, index: int) -> None:
+        if self.handle is not None:
+            self._close()
+        header: Dict[str, Any] = {"__metadata__": {"format": "pt"}}
+        offset = 0
+        for name, shape, nbytes in self.shards[index]:
+            header[name] = {"dtype": _SAFETENSORS_CODES[self.dtype], "shape": list(shape),
+                            "data_offsets": [offset, offset + nbytes]}
+            offset += nbytes
+        encoded = json.dumps(header, separators=(",", ":")).encode("utf-8")
+        encoded += b" " * (-len(encoded) % 8)  # the data starts 8-byte aligned
+        self.handle = open(self.directory / f".shard{index}", "wb")
+        self.handle.write(struct.pack("<Q", len(encoded)) + encoded)
+        self.current, self.expected = index, [name for name, _, _ in self.shards[index]]
+
+    def _close(self) -> None:
+        self.handle.flush()
+        os.fsync(self.handle.fileno())
+        self.handle.close()
+        self.handle = None
 
     def add(self, name: str, tensor: torch.Tensor) -> None:
-        nbytes = tensor.numel() * tensor.element_size()
-        if self.pending and self.pending_bytes + nbytes > self.max_bytes:
-            self.flush()
-        self.pending[name] = tensor
-        self.pending_bytes += nbytes
-        self.total_bytes += nbytes
-
-    def flush(self) -> None:
-        if self.pending:
-            write_safetensors(self.directory / f".shard{len(self.shards)}", self.pending, {"format": "pt"})
-            self.shards.append(list(self.pending))
-            self.pending, self.pending_bytes = {}, 0
+        """Write ``name`` (in the planned order) into its shard."""
+        index = self.shard_of[name]
+        if index != self.current:
+            self._open(index)
+        if not self.expected or self.expected.pop(0) != name:
+            raise RuntimeError(f"tensor {name} written out of the planned order")
+        data = tensor.detach().to("cpu", self.dtype).contiguous()
+        self.handle.write(data.view(torch.uint8).numpy().tobytes() if data.numel() else b"")
 
     def finish(self) -> None:
-        """Name the shards (one: model.safetensors; several: numbered, plus the index)."""
-        self.flush()
+        """Close the last shard and name the shards (one: model.safetensors; several: numbered, plus the index)."""
+        if self.handle is not None:
+            self._close()
         count = len(self.shards)
         if count == 1:
             (self.directory / ".shard0").rename(self.directory / "model.safetensors")
             return
         weight_map = {}
-        for i, names in enumerate(self.shards):
+        for i, shard in enumerate(self.shards):
             fname = f"model-{i + 1:05d}-of-{count:05d}.safetensors"
             (self.directory / f".shard{i}").rename(self.directory / fname)
-            weight_map.update({name: fname for name in names})
+            weight_map.update({name: fname for name, _, _ in shard})
         write_json_atomic(self.directory / "model.safetensors.index.json",
                           {"metadata": {"total_size": self.total_bytes}, "weight_map": weight_map})
 
@@ -152,10 +191,11 @@ def convert_megalign_to_hf(load_dir: PathLike, hf_dir: PathLike, dtype: str = "b
     tmp.mkdir()
     meter = ProgressMeter("megalign-to-hf", total=len(names), unit="tensors", enabled=progress)
     try:
-        writer = _ShardWriter(tmp, max_bytes)
+        writer = _ShardWriter(tmp, max_bytes, [(hf_name, shape) for _, hf_name, shape in names], DTYPES[dtype])
         for ours, hf_name, shape in names:
             tensor = (checkpoint.read_tensor(ours, 0, 0, vocab) if ours in VOCAB_TENSORS
                       else checkpoint.read_tensor(ours))
+            checkpoint.close()  # unmap the files read so far: memory holds one tensor, not the model
             if tuple(tensor.shape) != shape:
                 raise DataFormatError(f"{checkpoint.path}: tensor {ours} has shape {list(stored[ours].shape)}, the "
                                       f"model config implies {list(shape)}")
