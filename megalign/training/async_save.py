@@ -50,11 +50,6 @@ class AsyncCheckpointSaver:
         except BaseException as exc:  # noqa: BLE001 - handed to the training thread by wait()
             self._error = exc
 
-    @property
-    def busy(self) -> bool:
-        """Whether a save is being written now."""
-        return self._thread is not None and self._thread.is_alive()
-
     def wait(self) -> None:
         """Block until the save in flight (if any) is on disk; re-raise its error."""
         if self._thread is not None:

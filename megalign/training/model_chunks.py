@@ -8,7 +8,6 @@ parallel one. With pipeline parallelism, chunk ``c`` of pipeline rank ``r`` is g
 """
 from __future__ import annotations
 
-import contextlib
 from typing import Callable, ContextManager, Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -121,7 +120,3 @@ class ModelChunks(nn.Module):
         """Every decoder layer this rank holds (for per-layer torch.compile)."""
         return [layer for chunk in self.chunks for layer in chunk.layers.values()]
 
-
-def no_context(_: bool) -> ContextManager[None]:
-    """A backward context that does nothing."""
-    return contextlib.nullcontext()
