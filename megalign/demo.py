@@ -16,7 +16,9 @@ the training datasets through the Python API and prints decoded samples. Steps s
   8. supervised fine-tuning in the alignment worker's format: (original, polished) pairs made by a
      rule-based stand-in for the expert, tokenized with the chat template and a loss mask, then
      fine-tuned from the pre-trained checkpoint        (megalign preprocess --sft, megalign train --sft --finetune)
-Later capabilities (parallel training, HF export, alignment stages) join as they land.
+  9. export the checkpoint trained at TP 2 x PP 2 as a Hugging Face folder and check that transformers
+     gives the same loss as megalign on a batch          (megalign convert megalign-to-hf)
+Later capabilities (the alignment stages) join as they land.
 """
 from __future__ import annotations
 
@@ -135,6 +137,47 @@ def parallel_training(workdir: Path, data_path: str, tokenizer_model: Path) -> N
     _run("train", [*common, "--load", str(save), "--train-iters", "30", "--eval-interval", "30"])
 
 
+def hf_export(workdir: Path, load: Path, data_path: str, tokenizer_model: Path, sequence_length: int) -> None:
+    """Export ``load`` to a Hugging Face folder and compare transformers' loss on one batch with megalign's."""
+    import torch
+
+    from megalign.convert.megalign_to_hf import checkpoint_model_config
+    from megalign.data.indexed_dataset import IndexedDataset
+    from megalign.data.tokenizers import build_tokenizer
+    from megalign.model import GPTModel
+    from megalign.training.checkpointing import load_checkpoint
+
+    vocab = build_tokenizer("SentencePieceTokenizer", str(tokenizer_model)).vocab_size
+    out = workdir / "hf_export"
+    if out.exists():
+        shutil.rmtree(out)
+    _run("convert", ["megalign-to-hf", "--load", str(load), "--hf-dir", str(out), "--dtype", "fp32",
+                     "--vocab-size", str(vocab), "--no-progress"])
+    try:
+        import transformers
+    except ImportError:
+        print("transformers is not installed (pip install -e '.[hf]'): skipping the comparison")
+        return
+    dataset = IndexedDataset(data_path)
+    tokens = torch.cat([torch.as_tensor(dataset[i].astype("int64")) for i in range(min(len(dataset), 64))])
+    batch = tokens[: 2 * sequence_length].reshape(2, sequence_length)
+    checkpoint = load_checkpoint(load)
+    ours = GPTModel(checkpoint_model_config(checkpoint)).eval()
+    ours.load_state_dict(checkpoint.model_state(), strict=True)
+    checkpoint.close()
+    hf = transformers.AutoModelForCausalLM.from_pretrained(out, attn_implementation="eager").eval()
+    with torch.no_grad():
+        logits = ours(batch[:, :-1])[..., :vocab]
+        loss_ours = torch.nn.functional.cross_entropy(logits.reshape(-1, vocab), batch[:, 1:].reshape(-1))
+        loss_hf = hf(input_ids=batch, labels=batch).loss
+        hf_logits = hf(input_ids=batch[:, :-1]).logits
+    difference = (logits - hf_logits).abs().max().item()
+    print(f"transformers {type(hf).__name__}: loss {loss_hf.item():.6f}; megalign: loss {loss_ours.item():.6f}; "
+          f"largest logit difference {difference:.2e}")
+    if abs(loss_hf.item() - loss_ours.item()) > 1e-4 or difference > 1e-3:
+        raise MegalignError(f"demo step 9: the exported model in {out} disagrees with the megalign checkpoint")
+
+
 def show_datasets(data_prefixes: List[str], tokenizer_model: Path, cache_dir: Path, sequence_length: int) -> None:
     """Build the blended train/valid datasets, print statistics, decoded samples and a sampler batch."""
     from megalign.data.dataset_builder import build_gpt_datasets
@@ -247,6 +290,10 @@ def main(args: argparse.Namespace) -> int:
                    "--data-cache-path", str(workdir / "index_cache"), "--load", str(checkpoints), "--finetune",
                    "--save", str(worker), "--log-interval", "10", "--eval-interval", str(args.sft_iters),
                    "--eval-iters", "2", "--seed", "1234"])
+
+    _step("9. Export the TP 2 x PP 2 checkpoint to Hugging Face; transformers gives megalign's loss")
+    hf_export(workdir, workdir / "parallel_checkpoints", str(workdir / "data" / "all_text_document"),
+              tokenizer_model, 64)
 
     print(f"\ndemo finished in {time.perf_counter() - started:.1f}s; outputs in {workdir}/", flush=True)
     return 0

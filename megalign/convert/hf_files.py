@@ -16,6 +16,7 @@ import torch
 
 from megalign.errors import ConfigError, DataFormatError
 from megalign.training.checkpointing import open_safetensors
+from megalign.utils.safetensors_stream import SAFETENSORS_CODES
 
 __all__ = ["GENERATION_CONFIG", "HFModelFolder", "TOKENIZER_FILES", "copy_tokenizer_files", "read_json"]
 
@@ -23,6 +24,7 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
                    "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja")
 GENERATION_CONFIG = "generation_config.json"
 PathLike = Union[str, Path]
+_DTYPE_OF_CODE = {code: dtype for dtype, code in SAFETENSORS_CODES.items()}
 
 
 def read_json(path: Path) -> Dict[str, Any]:
@@ -122,6 +124,18 @@ class HFModelFolder:
         except Exception as exc:
             raise DataFormatError(f"{self.path / fname}: tensor {name!r} listed in the index is missing: "
                                   f"{exc}") from None
+
+    def dtype(self, name: str) -> torch.dtype:
+        """dtype of tensor ``name`` (read from the header; nothing is loaded)."""
+        fname = self._file_of[name]
+        if not fname.endswith(".safetensors"):
+            return self._open_bin(fname)[name].dtype
+        code = self._open_safe(fname).get_slice(name).get_dtype()
+        dtype = _DTYPE_OF_CODE.get(code)
+        if dtype is None:
+            raise DataFormatError(f"{self.path / fname}: tensor {name!r} has dtype {code}, which is not a float "
+                                  f"or integer dtype megalign stores ({', '.join(sorted(_DTYPE_OF_CODE))})")
+        return dtype
 
     def read(self, name: str, axis: Optional[int] = None, start: int = 0, stop: Optional[int] = None) -> torch.Tensor:
         """Tensor ``name`` or its rows ``[start, stop)`` along ``axis`` (a new, contiguous tensor)."""

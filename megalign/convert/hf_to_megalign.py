@@ -3,8 +3,9 @@
 The output is an ordinary megalign checkpoint (step 0, model tensors only) under global names, written as
 the files a TP x PP job would write (``model_tp{t}_pp{p}.safetensors``, each tensor split into parts along
 its tensor-parallel axis, see megalign/training/checkpoint_format.py), so ``megalign train --finetune --load
-SAVE`` reads it at this or any other layout. Memory: one output file is built at a time from slices read
-lazily from the HF files, so the peak is about one (TP, PP) file, not the model.
+SAVE`` reads it at this or any other layout. Memory: each output file is streamed a tensor part at a
+time (its header planned from the HF shapes and dtypes), and parts are read lazily from the HF files, so the
+peak is about the largest single tensor, not a file or the model.
 
 Vocabulary padding: the embedding and LM-head rows are padded with zeros up to Megatron's padded size
 (``--make-vocab-size-divisible-by`` x TP, as the trainer pads its tokenizer's vocabulary); the original
@@ -32,9 +33,10 @@ from megalign.model.hf_weights import weight_names
 from megalign.parallel.pipeline import stage_layer_ranges
 from megalign.training.checkpoint_format import (FORMAT_NAME, FORMAT_VERSION, LATEST_FILE, ShardSpec, TensorSpec,
                                                  dtype_name, fsync_dir, iter_dir_name, model_file_name)
-from megalign.training.checkpointing import install_directory, json_or_raise, write_metadata, write_safetensors
+from megalign.training.checkpointing import install_directory, json_or_raise, write_metadata
 from megalign.utils.atomic import atomic_write
 from megalign.utils.progress import ProgressMeter
+from megalign.utils.safetensors_stream import StreamingSafetensorsWriter
 
 __all__ = ["TOKENIZER_DIR", "VOCAB_TENSORS", "convert_hf_to_megalign", "tensor_split"]
 
@@ -160,6 +162,39 @@ def _read_padded_part(folder: HFModelFolder, entry: _Entry, part: int) -> torch.
     return out
 
 
+def _write_model_file(path: Path, folder: HFModelFolder, entries: List[_Entry], stages: Dict[str, List[int]],
+                      specs: Dict[str, TensorSpec], t: int, p: int, meter: ProgressMeter) -> Dict[str, Any]:
+    """Stream tensor rank ``t``'s parts of stage ``p``'s tensors into ``path``, one part in memory at a time;
+    records each part in ``specs``. Replicated tensors (norms, k/v parts shared by several ranks) are stored
+    once, by the first rank holding them."""
+    plan: List[Tuple[_Entry, int, Tuple[int, ...]]] = []
+    for entry in entries:
+        if p not in stages[entry.name]:
+            continue
+        meter.update(tensors=1)
+        if (entry.axis is None and t != 0) or t % entry.replicas:
+            continue
+        shape = list(entry.shape)
+        if entry.axis is not None:
+            shape[entry.axis] //= entry.pieces
+        plan.append((entry, t // entry.replicas, tuple(shape)))
+    writer = StreamingSafetensorsWriter(path, [(e.name, shape, folder.dtype(e.hf_name)) for e, _, shape in plan])
+    try:
+        for entry, part, shape in plan:
+            tensor = _read_part(folder, entry, part)
+            writer.add(entry.name, tensor)
+            meter.update(bytes=tensor.numel() * tensor.element_size())
+            spec = specs[entry.name]
+            spec.dtype = dtype_name(tensor.dtype)
+            size = shape[entry.axis] if entry.axis is not None else 0
+            spec.shards.append(ShardSpec(path.name, part, part * size, (part + 1) * size))
+            del tensor
+        return writer.close()
+    except BaseException:
+        writer.abort()
+        raise
+
+
 def convert_hf_to_megalign(hf_dir: PathLike, save_dir: PathLike, tensor_model_parallel_size: int = 1,
                            pipeline_model_parallel_size: int = 1, make_vocab_size_divisible_by: int = 128,
                            progress: bool = True) -> Path:
@@ -197,22 +232,8 @@ def convert_hf_to_megalign(hf_dir: PathLike, save_dir: PathLike, tensor_model_pa
         for p in range(pp):
             for t in range(tp):
                 fname = model_file_name(t, p)
-                tensors: Dict[str, torch.Tensor] = {}
-                for entry in entries:
-                    if p not in stages[entry.name]:
-                        continue
-                    meter.update(tensors=1)
-                    if (entry.axis is None and t != 0) or t % entry.replicas:
-                        continue  # replicated tensors and replicated k/v parts are stored once
-                    part = t // entry.replicas
-                    tensors[entry.name] = _read_part(folder, entry, part)
-                    meter.update(bytes=tensors[entry.name].numel() * tensors[entry.name].element_size())
-                    spec = specs[entry.name]
-                    spec.dtype = dtype_name(tensors[entry.name].dtype)
-                    size = entry.shape[entry.axis] // entry.pieces if entry.axis is not None else 0
-                    spec.shards.append(ShardSpec(fname, part, part * size, (part + 1) * size))
-                files[fname] = {"kind": "model", "tensor": t, "pipeline": p, **write_safetensors(tmp / fname, tensors)}
-                del tensors
+                files[fname] = {"kind": "model", "tensor": t, "pipeline": p,
+                                **_write_model_file(tmp / fname, folder, entries, stages, specs, t, p, meter)}
         extra = {"hf": {"architecture": architecture, "vocab_size": config.vocab_size, "config": folder.config},
                  "converted_from": str(folder.path)}
         ours = dataclasses.replace(config, vocab_size=padded)

@@ -11,12 +11,8 @@ into place. Memory: about one shard.
 from __future__ import annotations
 
 import dataclasses
-import json
-import math
-import os
 import re
 import shutil
-import struct
 import uuid
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple, Union
@@ -32,8 +28,9 @@ from megalign.training.checkpoint_format import fsync_dir
 from megalign.training.checkpointing import Checkpoint, load_checkpoint
 from megalign.utils.atomic import write_json_atomic
 from megalign.utils.progress import ProgressMeter
+from megalign.utils.safetensors_stream import StreamingSafetensorsWriter, tensor_nbytes
 
-__all__ = ["DTYPES", "convert_megalign_to_hf", "describe", "parse_size"]
+__all__ = ["DTYPES", "checkpoint_model_config", "convert_megalign_to_hf", "describe", "parse_size"]
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}
 _TOKEN_IDS = ("bos_token_id", "eos_token_id", "pad_token_id")
@@ -57,7 +54,7 @@ def parse_size(text: Union[str, int]) -> int:
     return value
 
 
-def _model_config(checkpoint: Checkpoint) -> ModelConfig:
+def checkpoint_model_config(checkpoint: Checkpoint) -> ModelConfig:
     """The (padded) model shape: recorded at import, or the training config of a trainer checkpoint."""
     stored = checkpoint.config.get("model_config")
     if isinstance(stored, dict):
@@ -85,9 +82,6 @@ def _hf_info(checkpoint: Checkpoint, padded: int, vocab_size: Optional[int]) -> 
     return vocab, hf.get("architecture"), original
 
 
-_SAFETENSORS_CODES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}
-
-
 class _ShardWriter:
     """Streams tensors into size-bounded safetensors shards: the shards and every header are planned from the
     tensors' names, shapes and dtype up front, so each tensor is written as soon as it is read and memory
@@ -96,11 +90,10 @@ class _ShardWriter:
     def __init__(self, directory: Path, max_bytes: int, entries: List[Tuple[str, Tuple[int, ...]]],
                  dtype: torch.dtype) -> None:
         self.directory, self.dtype = directory, dtype
-        itemsize = torch.empty((), dtype=dtype).element_size()
         self.shards: List[List[Tuple[str, Tuple[int, ...], int]]] = [[]]
         size = 0
         for name, shape in entries:
-            nbytes = math.prod(shape) * itemsize
+            nbytes = tensor_nbytes(shape, dtype)
             if self.shards[-1] and size + nbytes > max_bytes:
                 self.shards.append([])
                 size = 0
@@ -108,45 +101,25 @@ class _ShardWriter:
             size += nbytes
         self.total_bytes = sum(n for shard in self.shards for _, _, n in shard)
         self.shard_of = {name: i for i, shard in enumerate(self.shards) for name, _, _ in shard}
-        self.handle: Optional[Any] = None
+        self.writer: Optional[StreamingSafetensorsWriter] = None
         self.current = -1
-        self.expected: List[str] = []
-
-    def _open(self, index: int) -> None:
-        if self.handle is not None:
-            self._close()
-        header: Dict[str, Any] = {"__metadata__": {"format": "pt"}}
-        offset = 0
-        for name, shape, nbytes in self.shards[index]:
-            header[name] = {"dtype": _SAFETENSORS_CODES[self.dtype], "shape": list(shape),
-                            "data_offsets": [offset, offset + nbytes]}
-            offset += nbytes
-        encoded = json.dumps(header, separators=(",", ":")).encode("utf-8")
-        encoded += b" " * (-len(encoded) % 8)  # the data starts 8-byte aligned
-        self.handle = open(self.directory / f".shard{index}", "wb")
-        self.handle.write(struct.pack("<Q", len(encoded)) + encoded)
-        self.current, self.expected = index, [name for name, _, _ in self.shards[index]]
-
-    def _close(self) -> None:
-        self.handle.flush()
-        os.fsync(self.handle.fileno())
-        self.handle.close()
-        self.handle = None
 
     def add(self, name: str, tensor: torch.Tensor) -> None:
         """Write ``name`` (in the planned order) into its shard."""
         index = self.shard_of[name]
         if index != self.current:
-            self._open(index)
-        if not self.expected or self.expected.pop(0) != name:
-            raise RuntimeError(f"tensor {name} written out of the planned order")
-        data = tensor.detach().to("cpu", self.dtype).contiguous()
-        self.handle.write(data.view(torch.uint8).numpy().tobytes() if data.numel() else b"")
+            if self.writer is not None:
+                self.writer.close()
+            plan = [(n, shape, self.dtype) for n, shape, _ in self.shards[index]]
+            self.writer = StreamingSafetensorsWriter(self.directory / f".shard{index}", plan, {"format": "pt"})
+            self.current = index
+        self.writer.add(name, tensor)
 
     def finish(self) -> None:
         """Close the last shard and name the shards (one: model.safetensors; several: numbered, plus the index)."""
-        if self.handle is not None:
-            self._close()
+        if self.writer is not None:
+            self.writer.close()
+            self.writer = None
         count = len(self.shards)
         if count == 1:
             (self.directory / ".shard0").rename(self.directory / "model.safetensors")
@@ -158,6 +131,11 @@ class _ShardWriter:
             weight_map.update({name: fname for name, _, _ in shard})
         write_json_atomic(self.directory / "model.safetensors.index.json",
                           {"metadata": {"total_size": self.total_bytes}, "weight_map": weight_map})
+
+    def abort(self) -> None:
+        """Close an open shard file without checks (on error)."""
+        if self.writer is not None:
+            self.writer.abort()
 
 
 def convert_megalign_to_hf(load_dir: PathLike, hf_dir: PathLike, dtype: str = "bf16", max_shard_size: Any = "5GB",
@@ -175,7 +153,7 @@ def convert_megalign_to_hf(load_dir: PathLike, hf_dir: PathLike, dtype: str = "b
     if target.exists() and (not target.is_dir() or any(target.iterdir())):
         raise ConfigError(f"--hf-dir {target}: exists and is not an empty directory; choose a new one")
     checkpoint = load_checkpoint(load_dir, step)
-    padded_config = _model_config(checkpoint)
+    padded_config = checkpoint_model_config(checkpoint)
     vocab, architecture, original = _hf_info(checkpoint, padded_config.vocab_size, vocab_size)
     config = dataclasses.replace(padded_config, vocab_size=vocab)
     hf_config = {**{k: original[k] for k in _TOKEN_IDS if k in original}, **to_hf_config(config, architecture),
@@ -190,8 +168,8 @@ def convert_megalign_to_hf(load_dir: PathLike, hf_dir: PathLike, dtype: str = "b
     tmp = target.parent / f".{target.name}.tmp-{uuid.uuid4().hex}"
     tmp.mkdir()
     meter = ProgressMeter("megalign-to-hf", total=len(names), unit="tensors", enabled=progress)
+    writer = _ShardWriter(tmp, max_bytes, [(hf_name, shape) for _, hf_name, shape in names], DTYPES[dtype])
     try:
-        writer = _ShardWriter(tmp, max_bytes, [(hf_name, shape) for _, hf_name, shape in names], DTYPES[dtype])
         for ours, hf_name, shape in names:
             tensor = (checkpoint.read_tensor(ours, 0, 0, vocab) if ours in VOCAB_TENSORS
                       else checkpoint.read_tensor(ours))
@@ -216,6 +194,7 @@ def convert_megalign_to_hf(load_dir: PathLike, hf_dir: PathLike, dtype: str = "b
         tmp.rename(target)
         fsync_dir(target.parent)
     except BaseException:
+        writer.abort()
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     finally:

@@ -19,6 +19,7 @@ def test_demo_runs_end_to_end(tmp_path: Path, repo_root: Path) -> None:
                  "7. Parallel training", "layout TP 2, PP 2, DP 1, sequence parallel",
                  "training finished at step 20", "loaded weights from", "training finished at step 30",
                  "8. Supervised fine-tuning", "400 conversations", "loaded weights from", "training finished at step 40",
+                 "9. Export the TP 2 x PP 2 checkpoint", "transformers LlamaForCausalLM: loss",
                  "demo finished"):
         assert step in out
     assert (workdir / "tokenizer" / "tokenizer.model").is_file()
@@ -30,6 +31,7 @@ def test_demo_runs_end_to_end(tmp_path: Path, repo_root: Path) -> None:
     assert (workdir / "parallel_checkpoints" / "iter_0000030" / "metadata.json").is_file()
     assert out.count("training finished at step 20") == 1  # only the logging rank of the parallel job prints
     assert "recompute selective" in out
+    assert (workdir / "hf_export" / "config.json").is_file() and (workdir / "hf_export" / "model.safetensors").is_file()
     from megalign.utils.tensorboard import read_scalars
 
     events = sorted((workdir / "tensorboard").glob("events.out.tfevents.*"))

@@ -185,6 +185,24 @@ def test_sharded_and_bin_inputs_and_sharded_export(tmp_path):
         assert torch.equal(value, model.state_dict()[key].to(torch.bfloat16)), key
 
 
+def test_bf16_input_keeps_its_dtype_through_import_and_export(tmp_path):
+    """The streamed import plans each file's header from the HF dtypes: bf16 stays bf16, bit for bit."""
+    model = _hf_model(CONFIGS["qwen2"]).to(torch.bfloat16)
+    model.save_pretrained(tmp_path / "hf")
+    convert_hf_to_megalign(tmp_path / "hf", tmp_path / "ckpt", 2, 2, progress=False)
+    ckpt = load_checkpoint(tmp_path / "ckpt")
+    assert {spec.dtype for spec in ckpt.metadata.tensors.values()} == {"bfloat16"}
+    for fname in ckpt.metadata.files:
+        header = safetensors.torch.load_file(str(ckpt.path / fname))
+        assert header and all(t.dtype == torch.bfloat16 for t in header.values()), fname
+    out = convert_megalign_to_hf(tmp_path / "ckpt", tmp_path / "out", dtype="bf16", progress=False)
+    loaded = safetensors.torch.load_file(str(out / "model.safetensors"))
+    original = model.state_dict()
+    assert set(loaded) == {k for k in original if k != "lm_head.weight"}  # tied: stored once, as HF does
+    for key, value in loaded.items():
+        assert torch.equal(value, original[key]), key
+
+
 def _copy(src: Path, dst: Path) -> Path:
     shutil.copytree(src, dst)
     return dst
