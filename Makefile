@@ -27,7 +27,7 @@ $(STAMP): setup.py pyproject.toml csrc/helpers.cpp $(wildcard csrc/dataset_index
 	$(PY) -m pip install --quiet --upgrade pip setuptools wheel pybind11
 	@$(PY) -c "import torch" >/dev/null 2>&1 || { echo "[make] no torch importable: installing torch==2.13.0"; \
 	  $(PY) -m pip install --quiet torch==2.13.0; }
-	$(PY) -m pip install --quiet --no-build-isolation -e ".[dev,hf]"
+	$(PY) -m pip install --quiet --no-build-isolation -e ".[dev,hf,report]"
 	@touch $(STAMP)
 
 demo: $(STAMP)

@@ -57,7 +57,7 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.9",
     packages=find_packages(include=["megalign", "megalign.*"]),
-    package_data={"megalign": ["py.typed"]},
+    package_data={"megalign": ["py.typed", "align/guidelines/*.yaml", "align/lexicons/*.yaml"]},
     ext_modules=[helpers_extension],
     cmdclass={"build_ext": BuildExtWithClearErrors},
     install_requires=[
@@ -84,6 +84,8 @@ setup(
             "tensorboard>=2.14",
         ],
         "hf": ["transformers>=4.40", "safetensors>=0.4", "tokenizers>=0.15", "jinja2>=3"],
+        # The quality report's PNG figures (`megalign align report`; --no-plots works without it).
+        "report": ["matplotlib>=3.7"],
         # Optional GPU fast paths; never required, imported lazily (see docs/gpu.md once it exists).
         "gpu": ["flash-attn>=2.5", "transformer-engine>=1.8"],
     },

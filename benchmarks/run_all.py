@@ -24,6 +24,8 @@ BENCHMARKS: Dict[str, tuple] = {
     "train_throughput.py": ([], ["--quick"]),
     "parallel_memory.py": ([], ["--quick"]),
     "convert_memory.py": ([], ["--quick"]),
+    "dedup.py": ([], ["--quick"]),
+    "generate.py": ([], ["--quick"]),
 }
 
 

@@ -24,6 +24,8 @@ COMMANDS: Dict[str, Tuple[str, str]] = {
     "train": ("megalign.training.trainer", "train a GPT model on preprocessed data (pretrain_gpt.py)"),
     "convert": ("megalign.convert.cli", "convert checkpoints between Hugging Face and megalign (hf-to-megalign, "
                                         "megalign-to-hf)"),
+    "align": ("megalign.align.cli", "native-alignment stages: dedup, seed, annotate, build-sft, rewrite"),
+    "serve": ("megalign.inference.serve_cli", "serve a checkpoint over an OpenAI-compatible HTTP API"),
     "estimate-memory": ("megalign.parallel.memory_cli", "theoretical memory per rank of a preset at TPxPPxDP layouts"),
     "demo": ("megalign.demo", "run the end-to-end demo on the shipped sample corpus (CPU)"),
 }

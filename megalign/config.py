@@ -19,14 +19,13 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Mapping, Optional, Sequence
 
-import yaml
-
 from megalign.config_flags import CONFLICTS, FLAGS, FLAGS_BY_DEST, SECTIONS, add_flag_arguments, flags_markdown, \
     parse_value
 from megalign.data.dataset_builder import parse_data_path, parse_split
 from megalign.errors import ConfigError
 from megalign.model.config import ModelConfig, ModelOptions, preset
 from megalign.training.lr_schedule import LRSchedule
+from megalign.utils.yaml_files import read_yaml_file
 
 __all__ = ["CheckpointingSection", "DataSection", "LoggingSection", "MiscSection", "ModelSection",
            "OptimizationSection", "ParallelSection", "PrecisionSection", "RecomputeSection", "TrainingConfig", "add_arguments",
@@ -376,13 +375,7 @@ class TrainingConfig:
 # ---- YAML and command line --------------------------------------------------------------------------------
 def read_yaml(path: str) -> Dict[str, Any]:
     """``{dest: value}`` from a flat YAML file of flag names (dashes or underscores); errors name the file and key."""
-    try:
-        with open(path, encoding="utf-8") as handle:
-            data = yaml.safe_load(handle)
-    except OSError as exc:
-        raise ConfigError(f"--config {path}: cannot read it ({exc.strerror})") from None
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"--config {path}: not valid YAML: {exc}") from None
+    data = read_yaml_file(path, f"--config {path}")
     if data is None:
         return {}
     if not isinstance(data, dict):

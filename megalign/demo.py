@@ -1,4 +1,4 @@
-"""End-to-end demo on the shipped sample corpus (CPU, about a minute).
+"""End-to-end demo on the shipped sample corpus (CPU, about a minute and a half).
 
 Runs each pipeline step as the CLI command a user would type (printed before it runs), then builds
 the training datasets through the Python API and prints decoded samples. Steps so far:
@@ -13,19 +13,22 @@ the training datasets through the Python API and prints decoded samples. Steps s
   7. parallel training on 4 CPU processes: tensor parallel 2 x pipeline parallel 2 with sequence
      parallelism over gloo; its checkpoint then resumes in one process (another layout)
                                               (torchrun ... megalign train --tensor-model-parallel-size 2 ...)
-  8. supervised fine-tuning in the alignment worker's format: (original, polished) pairs made by a
-     rule-based stand-in for the expert, tokenized with the chat template and a loss mask, then
-     fine-tuned from the pre-trained checkpoint        (megalign preprocess --sft, megalign train --sft --finetune)
-  9. export the checkpoint trained at TP 2 x PP 2 as a Hugging Face folder and check that transformers
+  8. native alignment, steps 1-3: dedup (with planted duplicates), seed documents chosen by perplexity
+     under the step-6 model, expert annotation over the OpenAI API (a rule-based stand-in expert on
+     loopback), SFT records, and the worker fine-tuned from the pre-trained checkpoint
+                  (megalign align dedup / seed / annotate / build-sft, preprocess --sft, train --sft --finetune)
+  9. native alignment, step 4: the worker rewrites shard 0 of 8 in-process and shard 1 of 8 through
+     `megalign serve` (KV-cache generation, validation of every rewrite); shard 2 goes through the
+     rule-based stand-in, so that the report shows what a good worker changes   (megalign align rewrite)
+ 10. the quality report: original vs aligned                                     (megalign align report)
+ 11. export the checkpoint trained at TP 2 x PP 2 as a Hugging Face folder and check that transformers
      gives the same loss as megalign on a batch          (megalign convert megalign-to-hf)
-Later capabilities (the alignment stages) join as they land.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
-import re
 import shlex
 import shutil
 import sys
@@ -83,32 +86,6 @@ def split_by_language(corpus: Path, out_dir: Path) -> List[Path]:
             handle.write("\n".join(lines[name]) + "\n")
         print(f"{path}: {len(lines[name])} documents")
     return list(parts.values())
-
-
-_NOISE = re.compile(r"https?://\S+|www\.\S+|\S+@\S+\.\w+|\+?\d[\d\s-]{7,}\d")
-POLISH_INSTRUCTION = "Polish the text: remove links, e-mail addresses and phone numbers; keep every fact."
-
-
-def polishing_pairs(corpus: Path, output: Path, max_chars: int = 160) -> int:
-    """Write SFT pairs (prompt: a document's start, response: it without links, e-mails and phone numbers).
-
-    A rule-based stand-in for the expert annotations of the alignment pipeline, so the demo can show the
-    worker-training format end to end; returns the number of pairs written.
-    """
-    from megalign.data.jsonl import iter_records
-    from megalign.utils.atomic import atomic_write
-
-    lines = []
-    for _, record in iter_records(str(corpus), ("text",)):
-        original = record["text"][:max_chars]
-        polished = " ".join(_NOISE.sub(" ", original).split())
-        lines.append(json.dumps({"system": POLISH_INSTRUCTION, "prompt": original, "response": polished},
-                                ensure_ascii=False))
-    output.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_write(output) as handle:
-        handle.write("\n".join(lines) + "\n")
-    print(f"{output}: {len(lines)} (original, polished) pairs")
-    return len(lines)
 
 
 def parallel_training(workdir: Path, data_path: str, tokenizer_model: Path) -> None:
@@ -275,23 +252,34 @@ def main(args: argparse.Namespace) -> int:
     _step("7. Parallel training: 4 CPU processes, tensor parallel 2 x pipeline parallel 2, sequence parallel (gloo)")
     parallel_training(workdir, str(workdir / "data" / "all_text_document"), tokenizer_model)
 
-    _step("8. Supervised fine-tuning in the alignment worker's format (loss on the replies only)")
-    polishing_pairs(corpus, workdir / "sft" / "pairs.jsonl")
-    _run("preprocess", ["--sft", "--input", str(workdir / "sft" / "pairs.jsonl"), "--output-prefix",
-                        str(workdir / "sft" / "pairs"), "--tokenizer-type", "SentencePieceTokenizer",
-                        "--tokenizer-model", str(tokenizer_model), "--workers", str(args.workers)])
+    _step("8. Native alignment: dedup, seed by perplexity, expert annotation over the OpenAI API (a rule-based "
+          "stand-in), worker fine-tuning")
+    from megalign import demo_alignment
+
+    align = workdir / "align"
+    sft_pairs = demo_alignment.expert_annotation(_run, align, corpus, checkpoints)
+    _run("preprocess", ["--sft", "--input", str(sft_pairs), "--output-prefix", str(align / "worker"),
+                        "--tokenizer-type", "SentencePieceTokenizer", "--tokenizer-model", str(tokenizer_model),
+                        "--workers", str(args.workers)])
     worker = workdir / "worker_checkpoints"
     if worker.exists():
         shutil.rmtree(worker)
     _run("train", ["--sft", "--model-preset", "tiny", "--seq-length", "256", "--micro-batch-size", "4",
                    "--global-batch-size", "8", "--lr", "3e-3", "--lr-warmup-iters", "4", "--train-iters",
-                   str(args.sft_iters), "--data-path", str(workdir / "sft" / "pairs_sft_document"), "--split",
+                   str(args.sft_iters), "--data-path", str(align / "worker_sft_document"), "--split",
                    "90,10,0", "--tokenizer-type", "SentencePieceTokenizer", "--tokenizer-model", str(tokenizer_model),
                    "--data-cache-path", str(workdir / "index_cache"), "--load", str(checkpoints), "--finetune",
                    "--save", str(worker), "--log-interval", "10", "--eval-interval", str(args.sft_iters),
                    "--eval-iters", "2", "--seed", "1234"])
 
-    _step("9. Export the TP 2 x PP 2 checkpoint to Hugging Face; transformers gives megalign's loss")
+    _step("9. Rewrite the corpus: shard 0 of 8 with the worker in-process, shard 1 through `megalign serve`, "
+          "shard 2 through the stand-in")
+    parts = demo_alignment.rewrite_corpus(_run, align, worker)
+
+    _step("10. Quality report: original vs aligned (perplexity, contact details, toxicity, kept facts)")
+    demo_alignment.quality_report(_run, align, parts, checkpoints)
+
+    _step("11. Export the TP 2 x PP 2 checkpoint to Hugging Face; transformers gives megalign's loss")
     hf_export(workdir, workdir / "parallel_checkpoints", str(workdir / "data" / "all_text_document"),
               tokenizer_model, 64)
 

@@ -71,3 +71,40 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list) -> None:
     for item in items:
         if "slow" in item.keywords:
             item.add_marker(skip_slow)
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_hf(tmp_path_factory: pytest.TempPathFactory, hf_bpe_tokenizer: Path):
+    """(transformers LlamaForCausalLM, its save_pretrained folder with the `hf_bpe_tokenizer` files): a random
+    tiny Llama (preset tiny, vocabulary 1000, rope_theta 5e5, 256 positions) with every weight perturbed, so a
+    wrong weight mapping shows. Built from a config; nothing is downloaded."""
+    import shutil
+
+    transformers = pytest.importorskip("transformers")
+    import torch
+
+    from megalign.model.config import preset, to_hf_config
+
+    config = preset("tiny", vocab_size=1000, rope_theta=500000.0)
+    torch.manual_seed(0)
+    hf_config = transformers.LlamaConfig(**to_hf_config(config), attn_implementation="eager")
+    model = transformers.LlamaForCausalLM(hf_config).eval()
+    with torch.no_grad():  # norms start at 1: perturb everything
+        for parameter in model.parameters():
+            parameter.add_(0.05 * torch.randn_like(parameter))
+    hf_dir = tmp_path_factory.mktemp("tiny_llama_hf")
+    model.save_pretrained(hf_dir)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copyfile(hf_bpe_tokenizer.parent / name, hf_dir / name)
+    return model, hf_dir
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_checkpoint(tmp_path_factory: pytest.TempPathFactory, tiny_llama_hf) -> Path:
+    """`tiny_llama_hf` imported with `megalign convert hf-to-megalign` (tokenizer files included): a checkpoint
+    that `megalign serve`, the rewrite stage and the scorers load as they are. Returns its directory."""
+    from megalign.convert import convert_hf_to_megalign
+
+    checkpoint = tmp_path_factory.mktemp("tiny_llama_ckpt") / "worker"
+    convert_hf_to_megalign(tiny_llama_hf[1], checkpoint, progress=False)
+    return checkpoint

@@ -11,12 +11,19 @@ attention always sees the whole sequence (positions and ``segment_ids`` are the 
 The attention core (scores, softmax, weighted values) runs on the kernel chosen by
 ``ModelOptions.attention_backend`` (see :mod:`megalign.model.attention_backends`); with selective
 recomputation it is recomputed in the backward pass instead of storing its ``[seq, seq]`` intermediates.
+
+Incremental decoding (``cache``, a :class:`megalign.inference.kv_cache.LayerCache`): the new tokens' keys and
+values are written into the preallocated cache and the queries attend to every cached slot under the
+cache's mask (causal over the cache offset, segments keeping left padding out). This path always runs on
+torch SDPA, whatever the backend option (the GPU kernels' fixed causal masks do not cover a cache offset
+with padding); without a cache nothing changes.
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
@@ -27,7 +34,20 @@ from megalign.errors import ConfigError
 from megalign.parallel import (ColumnParallelLinear, InitMethod, ParallelContext, RowParallelLinear,
                                column_parallel_input, divide)
 
-__all__ = ["Attention", "document_causal_mask"]
+if TYPE_CHECKING:  # the model does not depend on the inference package at run time
+    from megalign.inference.kv_cache import LayerCache
+
+__all__ = ["Attention", "cached_attention", "document_causal_mask"]
+
+
+def cached_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """``softmax(q kᵀ / sqrt(head_dim) + mask) v`` of new queries ``q`` ``[batch, seq, heads, head_dim]`` over cached
+    ``keys``/``values`` ``[batch, kv_heads, length, head_dim]``; ``mask`` ``[batch, 1, seq, length]`` is additive (0 where
+    a query may attend, -inf elsewhere) or boolean (True where it may). Returns ``q``'s shape. Grouped-query heads
+    as in :func:`dot_product_attention`."""
+    out = F.scaled_dot_product_attention(q.transpose(1, 2), keys, values, attn_mask=mask,
+                                         enable_gqa=q.shape[2] != keys.shape[1])
+    return out.transpose(1, 2)
 
 
 class Attention(nn.Module):
@@ -58,16 +78,19 @@ class Attention(nn.Module):
                                         init_method=output_init_method)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                segment_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
+                segment_ids: Optional[torch.Tensor] = None, cache: Optional["LayerCache"] = None) -> torch.Tensor:
         """``x`` ``[batch, seq, hidden]`` → ``[batch, seq, hidden]`` (``[batch, seq / tp, hidden]`` in and out under
-        sequence parallelism); ``cos``/``sin`` from ``rotary_cos_sin``, for the full sequence."""
+        sequence parallelism); ``cos``/``sin`` from ``rotary_cos_sin``, for the full sequence. With ``cache``,
+        ``x`` holds only the new tokens (``segment_ids`` are then the cache's business, not used here)."""
         x = column_parallel_input(x, self.context)
         batch, seq, _ = x.shape
         q = self.q_proj(x, input_prepared=True).view(batch, seq, self.num_heads, self.head_dim)
         k = self.k_proj(x, input_prepared=True).view(batch, seq, self.num_kv_heads, self.head_dim)
         v = self.v_proj(x, input_prepared=True).view(batch, seq, self.num_kv_heads, self.head_dim)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        if self.recompute_core and torch.is_grad_enabled():
+        if cache is not None:
+            out = cached_attention(q, *cache.update(k, v))
+        elif self.recompute_core and torch.is_grad_enabled():
             out = checkpoint(dot_product_attention, q, k, v, segment_ids, self.backend, use_reentrant=False)
         else:
             out = dot_product_attention(q, k, v, segment_ids, self.backend)

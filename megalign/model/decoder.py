@@ -25,13 +25,18 @@ cross-entropy of the split logits. Sequence parallelism: the embedding reduce-sc
 sequence, so the residual stream and the norms hold ``[batch, seq / tp, hidden]``; attention and MLP
 all-gather their input and reduce-scatter their output; the LM head all-gathers the final norm's output.
 Norm weights are replicated and their gradients summed over TP ranks (each saw part of the sequence).
+
+Incremental decoding (``kv_cache``, a :class:`megalign.inference.kv_cache.KVCache`): ``tokens`` are only the
+new tokens; their keys and values are appended to the cache, positions default to the cache offset
+onwards, and attention covers every cached slot (see the cache's module for the padding rule). Without a
+cache the model runs exactly as before.
 """
 from __future__ import annotations
 
 import math
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Iterator, List, Optional, Tuple
+from typing import TYPE_CHECKING, Iterator, List, Optional, Tuple
 
 import torch
 from torch import nn
@@ -44,6 +49,9 @@ from megalign.ops import rms_norm, rotary_cos_sin
 from megalign.parallel import (ColumnParallelLinear, InitMethod, ParallelContext, VocabParallelEmbedding,
                                column_parallel_linear, gather_from_tensor_parallel, init_normal, mark_tensor_parallel,
                                sequence_parallel_parameter, vocab_parallel_cross_entropy)
+
+if TYPE_CHECKING:  # the model does not depend on the inference package at run time
+    from megalign.inference.kv_cache import KVCache, LayerCache
 
 __all__ = ["DecoderLayer", "GPTModel", "PipelineStage", "RMSNorm", "recompute_plan"]
 
@@ -87,8 +95,8 @@ class DecoderLayer(nn.Module):
         self.mlp = MLP(config, context, init_method, output_init_method)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                segment_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
-        x = x + self.attention(self.input_norm(x), cos, sin, segment_ids)
+                segment_ids: Optional[torch.Tensor] = None, cache: Optional["LayerCache"] = None) -> torch.Tensor:
+        x = x + self.attention(self.input_norm(x), cos, sin, segment_ids, cache)
         return x + self.mlp(self.mlp_norm(x))
 
 
@@ -157,7 +165,8 @@ class GPTModel(nn.Module):
 
     def forward(self, tokens: torch.Tensor, position_ids: Optional[torch.Tensor] = None,
                 segment_ids: Optional[torch.Tensor] = None, labels: Optional[torch.Tensor] = None,
-                loss_mask: Optional[torch.Tensor] = None, hidden_states: Optional[torch.Tensor] = None) -> torch.Tensor:
+                loss_mask: Optional[torch.Tensor] = None, hidden_states: Optional[torch.Tensor] = None,
+                kv_cache: Optional["KVCache"] = None, logits_to_keep: Optional[int] = None) -> torch.Tensor:
         """Logits ``[batch, seq, vocab]`` of ``tokens`` ``[batch, seq]``, or the training loss when ``labels`` is given.
 
         A pipeline stage that is not the first takes the previous stage's output as ``hidden_states`` (``tokens``
@@ -171,6 +180,11 @@ class GPTModel(nn.Module):
         packed in one sample) keep attention inside each document. ``labels`` are the next tokens (already
         shifted, as GPTDataset gives them); the loss is ``sum(ce * loss_mask) / sum(loss_mask)`` (0 when the
         mask is empty), or the mean over labels other than -100 without ``loss_mask``.
+
+        ``kv_cache``: incremental decoding, ``tokens`` are the tokens after those already cached (positions
+        default to the cache offset onwards; ``segment_ids`` of the new tokens as :class:`KVCache` describes).
+        ``logits_to_keep``: return the logits of the last ``logits_to_keep`` positions only (prefill of long
+        prompts needs just the last one); not with ``labels``.
         """
         self._check_inputs(tokens, position_ids=position_ids, segment_ids=segment_ids, labels=labels,
                            loss_mask=loss_mask)
@@ -178,7 +192,15 @@ class GPTModel(nn.Module):
         if self.context.sequence_parallel and tokens.shape[1] % tp:
             raise ValueError(f"GPTModel: sequence length {tokens.shape[1]} must be a multiple of the tensor-parallel "
                              f"size {tp} with --sequence-parallel (the sequence is split over the TP ranks)")
-        positions = tokens.shape[1] if position_ids is None else position_ids
+        if (kv_cache is not None or logits_to_keep is not None) and self.context.sequence_parallel:
+            raise ValueError("GPTModel: kv_cache and logits_to_keep cannot be used with sequence parallelism")
+        if logits_to_keep is not None and (labels is not None or logits_to_keep < 1):
+            raise ValueError(f"GPTModel: logits_to_keep={logits_to_keep} must be a positive number of positions, "
+                             "and cannot be combined with labels")
+        if position_ids is not None:
+            positions = position_ids
+        else:
+            positions = tokens.shape[1] if kv_cache is None else kv_cache.default_positions(tokens.shape[1])
         cos, sin = rotary_cos_sin(positions, config.head_dim, config.rope_theta, config.rope_scaling,
                                   device=tokens.device)
         if self.stage.first:
@@ -189,13 +211,18 @@ class GPTModel(nn.Module):
         else:
             x = hidden_states
         recompute = torch.is_grad_enabled()
-        for layers, recomputed in self.recompute_plan:
-            if recomputed and recompute:
-                x = checkpoint(self._run_layers, layers, x, cos, sin, segment_ids, use_reentrant=False)
-            else:
-                x = self._run_layers(layers, x, cos, sin, segment_ids)
+        if kv_cache is not None:
+            x = self._run_cached(x, cos, sin, segment_ids, kv_cache)
+        else:
+            for layers, recomputed in self.recompute_plan:
+                if recomputed and recompute:
+                    x = checkpoint(self._run_layers, layers, x, cos, sin, segment_ids, use_reentrant=False)
+                else:
+                    x = self._run_layers(layers, x, cos, sin, segment_ids)
         if not self.stage.last:
             return x
+        if logits_to_keep is not None:
+            x = x[:, -logits_to_keep:]
         x = self.final_norm(x)
         if self.lm_head is not None:
             logits = self.lm_head(x)
@@ -214,6 +241,19 @@ class GPTModel(nn.Module):
         """Run the stage's layers at ``positions`` (0-based within this stage)."""
         for position in positions:
             x = self.layers[str(self.stage.layers[position])](x, cos, sin, segment_ids)
+        return x
+
+    def _run_cached(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, segment_ids: Optional[torch.Tensor],
+                    kv_cache: "KVCache") -> torch.Tensor:
+        """Run every layer of the stage on the new tokens ``x``, reading and extending ``kv_cache``."""
+        kv_cache.begin_step(x.shape[1], segment_ids)
+        try:
+            for index in self.stage.layers:
+                x = self.layers[str(index)](x, cos, sin, None, kv_cache.layer(index))
+        except BaseException:
+            kv_cache.abort_step()
+            raise
+        kv_cache.end_step()
         return x
 
     @staticmethod

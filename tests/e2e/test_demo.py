@@ -1,6 +1,7 @@
 """`megalign demo` as a user runs it (the `make demo` path), on the shipped sample."""
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -18,8 +19,11 @@ def test_demo_runs_end_to_end(tmp_path: Path, repo_root: Path) -> None:
                  "5. Train the tiny", "6. Resume", "resumed at step 60", "training finished at step 120",
                  "7. Parallel training", "layout TP 2, PP 2, DP 1, sequence parallel",
                  "training finished at step 20", "loaded weights from", "training finished at step 30",
-                 "8. Supervised fine-tuning", "400 conversations", "loaded weights from", "training finished at step 40",
-                 "9. Export the TP 2 x PP 2 checkpoint", "transformers LlamaForCausalLM: loss",
+                 "8. Native alignment", "dedup: kept", "seed: chose 96 documents (ppl-stratified)", "annotate: 96 records",
+                 "build-sft:", "loaded weights from", "training finished at step 40",
+                 "9. Rewrite the corpus", "serving ", "rewrite: 46 records (46 rewritten)",
+                 "10. Quality report", "| urls |",
+                 "11. Export the TP 2 x PP 2 checkpoint", "transformers LlamaForCausalLM: loss",
                  "demo finished"):
         assert step in out
     assert (workdir / "tokenizer" / "tokenizer.model").is_file()
@@ -31,6 +35,10 @@ def test_demo_runs_end_to_end(tmp_path: Path, repo_root: Path) -> None:
     assert (workdir / "parallel_checkpoints" / "iter_0000030" / "metadata.json").is_file()
     assert out.count("training finished at step 20") == 1  # only the logging rank of the parallel job prints
     assert "recompute selective" in out
+    report = json.loads((workdir / "align" / "report" / "report.json").read_text())
+    assert report["documents"] == sum(1 for i in range(3) for _ in
+                                      open(workdir / "align" / "aligned" / f"part-0000{i}-of-00008.jsonl"))
+    assert report["removed"]["urls"] > 0 and report["statuses"]["rewritten"] == 46
     assert (workdir / "hf_export" / "config.json").is_file() and (workdir / "hf_export" / "model.safetensors").is_file()
     from megalign.utils.tensorboard import read_scalars
 

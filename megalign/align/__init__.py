@@ -1,0 +1,1 @@
+"""The native-alignment pipeline stages."""
