@@ -33,6 +33,7 @@ from megalign.align.records import Record, StageInput
 from megalign.align.rewrite_backends import LocalBackend, PieceRequest, PieceResult, ServerBackend
 from megalign.align.stage_output import ShardOutput
 from megalign.errors import ConfigError
+from megalign.utils.progress import ProgressMeter
 
 __all__ = ["DROPPED", "KEPT_ORIGINAL", "REWRITTEN", "Rewriter", "run_rewrite"]
 
@@ -83,9 +84,10 @@ class Rewriter:
     """Splits records into worker requests and assembles, validates and writes the finished records."""
 
     def __init__(self, backend: Any, out: ShardOutput, guidelines: Any, validation: Any, max_piece: int,
-                 count: Callable[[str], int]) -> None:
+                 count: Callable[[str], int], meter: Optional[ProgressMeter] = None) -> None:
         self.backend, self.out, self.guidelines, self.validation = backend, out, guidelines, validation
         self.max_piece, self.count = max_piece, count
+        self.meter = meter or ProgressMeter("rewrite", enabled=False)
         self.open: Dict[str, _Document] = {}
         self.lock = threading.Lock()
         self.usage = {"prompt_tokens": 0, "completion_tokens": 0, "pieces": 0}
@@ -152,6 +154,7 @@ class Rewriter:
         else:
             record.update({"status": KEPT_ORIGINAL, "reason": failure, "aligned_text": record["text"]})
         self.out.write(record)
+        self.meter.update(docs=1, pieces=len(todo))
 
 
 def _make_backend(args: argparse.Namespace) -> Any:
@@ -181,8 +184,8 @@ def run_rewrite(inputs: Sequence[str], output: str, backend: Any, guidelines_pat
     guidelines = load_guidelines(guidelines_path)
     validation = ValidationConfig(scripts=guidelines.scripts, policy=on_invalid.replace("-", "_"))
     local = isinstance(backend, LocalBackend)
-    if max_piece is None:
-        max_piece = backend.max_piece_tokens(guidelines.worker_messages("", next(iter(guidelines.languages)))) \
+    if max_piece is None:  # what fits after the longest worker prompt of any language
+        max_piece = min(backend.max_piece_tokens(guidelines.worker_messages("", code)) for code in guidelines.languages) \
             if local else 6000
     count = backend.count_tokens if local else len
     records = StageInput(list(inputs), shard_index, num_shards, skip_bad_records)
@@ -192,8 +195,10 @@ def run_rewrite(inputs: Sequence[str], output: str, backend: Any, guidelines_pat
         if out.already_finished:
             print(f"rewrite: shard {shard_index} of {num_shards} is already finished in {output}")
             return out.finish()
-        rewriter = Rewriter(backend, out, guidelines, validation, max_piece, count)
+        meter = ProgressMeter("rewrite", total=max(records.count() - len(out.done_ids), 0), unit="docs")
+        rewriter = Rewriter(backend, out, guidelines, validation, max_piece, count, meter)
         usage = backend.run(rewriter.requests(iter(records)), rewriter.on_result, rewriter.validate_piece)
+        meter.close()
         if rewriter.open:  # every piece was answered, so this would be a bug: leave them for a rerun
             raise RuntimeError(f"rewrite: {len(rewriter.open)} documents did not get all their pieces")
         return out.finish({"worker_usage": usage, "resumed": out.resumed, "bad_records": records.stats.to_dict()})

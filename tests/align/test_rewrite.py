@@ -187,3 +187,24 @@ def test_a_blank_document_is_kept_with_its_reason(tmp_path):
     records = _by_id(tmp_path / "out")
     assert records["blank"]["status"] == "kept_original" and records["blank"]["reason"] == "no_text"
     assert summary["statuses"] == {"kept_original": 1, "rewritten": 1}
+
+
+def test_default_piece_size_fits_the_local_workers_context(tmp_path, tiny_llama_checkpoint):
+    import math
+
+    from megalign.align.chunking import split_document
+    from megalign.align.guidelines import load_guidelines
+    from megalign.inference.generation import chat_prompt
+
+    long_document = "\n\n".join(f"الفقرة رقم {i} تتحدث عن تاريخ المدينة القديمة وأسواقها ومكتباتها." for i in range(30))
+    corpus = _corpus(tmp_path / "corpus", {"long": long_document})
+    local = LocalBackend(str(tiny_llama_checkpoint), batch_size=4, max_new_tokens=4)
+    summary = run_rewrite([str(corpus)], str(tmp_path / "out"), local)
+    record = _by_id(tmp_path / "out")["long"]
+    assert record["pieces"] > 1 and summary["summary"]["worker_usage"]["pieces"] == record["pieces"]
+    max_piece = json.loads((tmp_path / "out" / "manifest.json").read_text())["settings"]["max_piece"]
+    guidelines = load_guidelines()
+    for piece, _ in split_document(long_document, max_piece, local.count_tokens):
+        prompt = local.generator.encode(chat_prompt(local.loaded.tokenizer, guidelines.worker_messages(piece, "ar")))
+        room = local.generator.max_length - len(prompt)  # a rewrite 1.5x the piece (+16) always fits
+        assert room >= math.ceil(1.5 * local.count_tokens(piece)) + 16, (len(prompt), room)
