@@ -26,7 +26,7 @@ import numpy as np
 
 from megalign.align.stage_output import part_name
 from megalign.errors import ConfigError, DataFormatError
-from megalign.utils.atomic import write_json_atomic
+from megalign.utils.atomic import install_directory, write_json_atomic
 
 __all__ = ["FORMAT_VERSION", "SIGNATURES_DIR", "SignatureShards", "SignatureShardWriter", "check_settings",
            "load_signature_shards", "read_shard_meta"]
@@ -116,9 +116,7 @@ class SignatureShardWriter:
         for path in self.tmp_dir.iterdir():
             with open(path, "rb") as handle:
                 os.fsync(handle.fileno())
-        if self.final_dir.exists():
-            shutil.rmtree(self.final_dir)
-        os.replace(self.tmp_dir, self.final_dir)
+        install_directory(self.tmp_dir, self.final_dir)
         return meta
 
     def abort(self) -> None:

@@ -32,9 +32,9 @@ from megalign.model.config import ARCHITECTURES, ModelConfig, from_hf_config
 from megalign.model.hf_weights import weight_names
 from megalign.parallel.pipeline import stage_layer_ranges
 from megalign.training.checkpoint_format import (FORMAT_NAME, FORMAT_VERSION, LATEST_FILE, ShardSpec, TensorSpec,
-                                                 dtype_name, fsync_dir, iter_dir_name, model_file_name)
-from megalign.training.checkpointing import install_directory, json_or_raise, write_metadata
-from megalign.utils.atomic import atomic_write
+                                                 dtype_name, iter_dir_name, model_file_name)
+from megalign.training.checkpointing import json_or_raise, write_metadata
+from megalign.utils.atomic import atomic_write, fsync_dir, install_directory
 from megalign.utils.progress import ProgressMeter
 from megalign.utils.safetensors_stream import StreamingSafetensorsWriter
 

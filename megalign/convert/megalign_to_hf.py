@@ -24,9 +24,8 @@ from megalign.convert.hf_to_megalign import TOKENIZER_DIR, VOCAB_TENSORS
 from megalign.errors import ConfigError, DataFormatError
 from megalign.model.config import ModelConfig, to_hf_config
 from megalign.model.hf_weights import weight_names
-from megalign.training.checkpoint_format import fsync_dir
 from megalign.training.checkpointing import Checkpoint, load_checkpoint
-from megalign.utils.atomic import write_json_atomic
+from megalign.utils.atomic import fsync_dir, write_json_atomic
 from megalign.utils.progress import ProgressMeter
 from megalign.utils.safetensors_stream import StreamingSafetensorsWriter, tensor_nbytes
 

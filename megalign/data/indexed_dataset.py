@@ -30,7 +30,7 @@ from typing import Any, Iterator, List, Optional, Sequence, Tuple, Type, Union
 import numpy
 
 from megalign.errors import DataFormatError
-from megalign.utils.atomic import temporary_sibling
+from megalign.utils.atomic import fsync_dir, temporary_sibling
 from megalign.utils.progress import ProgressMeter
 
 MAGIC = b"MMIDIDX\x00\x00"
@@ -321,14 +321,6 @@ def _as_tokens(tokens: Any, dtype: numpy.dtype, where: str) -> numpy.ndarray:
     return numpy.ascontiguousarray(values, dtype=dtype)
 
 
-def _fsync_directory(path: str) -> None:
-    descriptor = os.open(os.path.dirname(os.path.abspath(path)) or ".", os.O_RDONLY)
-    try:
-        os.fsync(descriptor)
-    finally:
-        os.close(descriptor)
-
-
 def _permissions_from_umask(path: str) -> None:
     """mkstemp creates 0600 files; give the finished dataset the permissions of a normal file."""
     mask = os.umask(0)
@@ -473,7 +465,7 @@ class IndexedDatasetBuilder:
             self._tmp_bin = None
             os.replace(self._tmp_idx, self.idx_path)
             self._tmp_idx = None
-            _fsync_directory(self.idx_path)
+            fsync_dir(os.path.dirname(os.path.abspath(self.idx_path)) or ".")
         except BaseException:
             self.abort()
             raise

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
 import struct
 from dataclasses import dataclass, field
@@ -339,12 +338,3 @@ def plan_slice_read(spec: TensorSpec, axis: int | None, start: int, stop: int) -
         if ndim == 0:
             break
     return pieces
-
-
-def fsync_dir(path: Path) -> None:
-    """fsync a directory so that renames and new entries in it are durable."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -27,9 +27,9 @@ import torch
 from megalign.errors import DataFormatError
 from megalign.training.checkpoint_format import (
     FORMAT_NAME, FORMAT_VERSION, ITER_DIR_RE, LATEST_FILE, METADATA_FILE, CheckpointMetadata, ShardSpec,
-    TensorSpec, check_file_against_metadata, dtype_name, fsync_dir, iter_dir_name, model_file_name,
+    TensorSpec, check_file_against_metadata, dtype_name, iter_dir_name, model_file_name,
     optim_file_name, parse_metadata, plan_slice_read, rng_file_name)
-from megalign.utils.atomic import atomic_write
+from megalign.utils.atomic import atomic_write, fsync_dir, install_directory
 
 logger = logging.getLogger(__name__)
 PathLike = Union[str, Path]
@@ -186,18 +186,6 @@ def save_checkpoint(save_dir: PathLike, step: int, model_state: Mapping[str, tor
         prune_checkpoints(root, keep_last, protect={step} | ({previous_latest} if previous_latest is not None else set()))
     logger.info("saved checkpoint %s (%d tensors)", final, len(specs))
     return final
-
-
-def install_directory(tmp: Path, final: Path) -> None:
-    """Rename the finished temp directory into place (replacing an older save of the same step)."""
-    old = None
-    if final.exists():
-        old = final.with_name(f".{final.name}.old-{uuid.uuid4().hex}")
-        final.rename(old)
-    tmp.rename(final)
-    fsync_dir(final.parent)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 def prune_checkpoints(root: Path, keep_last: int, protect: set[int]) -> None:

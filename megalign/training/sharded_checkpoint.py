@@ -29,9 +29,9 @@ from megalign.parallel.state import ParallelState
 from megalign.training.checkpoint_format import (FORMAT_NAME, FORMAT_VERSION, LATEST_FILE, ShardSpec, TensorSpec,
                                                  dtype_name, iter_dir_name, model_file_name, optim_file_name,
                                                  rng_file_name)
-from megalign.training.checkpointing import (Checkpoint, capture_rng_state, install_directory, json_or_raise,
-                                             prune_checkpoints, read_latest_step, write_metadata, write_safetensors)
-from megalign.utils.atomic import atomic_write
+from megalign.training.checkpointing import (Checkpoint, capture_rng_state, json_or_raise, prune_checkpoints,
+                                             read_latest_step, write_metadata, write_safetensors)
+from megalign.utils.atomic import atomic_write, install_directory
 
 __all__ = ["local_part", "read_local_shard", "save_sharded_checkpoint"]
 

@@ -8,7 +8,9 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import tempfile
+import uuid
 from pathlib import Path
 from typing import IO, Any, Iterator, Union
 
@@ -54,3 +56,26 @@ def write_json_atomic(path: PathLike, payload: Any) -> None:
     with atomic_write(path) as handle:
         json.dump(payload, handle, ensure_ascii=False, indent=2, sort_keys=True)
         handle.write("\n")
+
+
+def fsync_dir(path: PathLike) -> None:
+    """fsync a directory so that renames and new entries in it are durable."""
+    descriptor = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
+def install_directory(tmp: PathLike, final: PathLike) -> None:
+    """Rename the finished temporary directory ``tmp`` to ``final``, replacing an older ``final`` only after
+    it has been moved aside (so ``final`` is at every moment either the old or the new complete directory)."""
+    tmp, final = Path(tmp), Path(final)
+    old = None
+    if final.exists():
+        old = final.with_name(f".{final.name}.old-{uuid.uuid4().hex}")
+        final.rename(old)
+    tmp.rename(final)
+    fsync_dir(final.parent)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
