@@ -118,11 +118,9 @@ def hf_export(workdir: Path, load: Path, data_path: str, tokenizer_model: Path, 
     """Export ``load`` to a Hugging Face folder and compare transformers' loss on one batch with megalign's."""
     import torch
 
-    from megalign.convert.megalign_to_hf import checkpoint_model_config
     from megalign.data.indexed_dataset import IndexedDataset
     from megalign.data.tokenizers import build_tokenizer
-    from megalign.model import GPTModel
-    from megalign.training.checkpointing import load_checkpoint
+    from megalign.inference.model_loading import load_model
 
     vocab = build_tokenizer("SentencePieceTokenizer", str(tokenizer_model)).vocab_size
     out = workdir / "hf_export"
@@ -138,10 +136,7 @@ def hf_export(workdir: Path, load: Path, data_path: str, tokenizer_model: Path, 
     dataset = IndexedDataset(data_path)
     tokens = torch.cat([torch.as_tensor(dataset[i].astype("int64")) for i in range(min(len(dataset), 64))])
     batch = tokens[: 2 * sequence_length].reshape(2, sequence_length)
-    checkpoint = load_checkpoint(load)
-    ours = GPTModel(checkpoint_model_config(checkpoint)).eval()
-    ours.load_state_dict(checkpoint.model_state(), strict=True)
-    checkpoint.close()
+    ours = load_model(load, tokenizer_type="SentencePieceTokenizer", tokenizer_model=str(tokenizer_model)).model
     hf = transformers.AutoModelForCausalLM.from_pretrained(out, attn_implementation="eager").eval()
     with torch.no_grad():
         logits = ours(batch[:, :-1])[..., :vocab]
@@ -152,7 +147,7 @@ def hf_export(workdir: Path, load: Path, data_path: str, tokenizer_model: Path, 
     print(f"transformers {type(hf).__name__}: loss {loss_hf.item():.6f}; megalign: loss {loss_ours.item():.6f}; "
           f"largest logit difference {difference:.2e}")
     if abs(loss_hf.item() - loss_ours.item()) > 1e-4 or difference > 1e-3:
-        raise MegalignError(f"demo step 9: the exported model in {out} disagrees with the megalign checkpoint")
+        raise MegalignError(f"demo step 11: the exported model in {out} disagrees with the megalign checkpoint")
 
 
 def show_datasets(data_prefixes: List[str], tokenizer_model: Path, cache_dir: Path, sequence_length: int) -> None:
