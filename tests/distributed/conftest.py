@@ -11,6 +11,7 @@ import os
 import pickle
 import queue
 import traceback
+import uuid
 from pathlib import Path
 from typing import Any, Callable, List
 
@@ -41,7 +42,8 @@ def run_distributed(tmp_path: Path, fn: Callable[..., Any], world_size: int, *ar
     """Results of ``fn(rank, world_size, *args)`` on every rank of a gloo job of ``world_size`` processes."""
     context = mp.get_context("spawn")
     results = context.Queue()
-    store = tmp_path / f"store-{os.getpid()}-{id(fn)}-{world_size}"
+    # a fresh rendezvous file per job: a test that runs two jobs must not read the first job's addresses
+    store = tmp_path / f"store-{uuid.uuid4().hex}"
     processes = [context.Process(target=_child, args=(rank, world_size, str(store), results, fn, args), daemon=True)
                  for rank in range(world_size)]
     for process in processes:
