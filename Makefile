@@ -1,6 +1,7 @@
 # megalign: `make demo` and `make test` work on a fresh machine (they create .venv and install what they need).
 #   make demo    end-to-end demo on the shipped sample (CPU, a few minutes)
-#   make test    the test suite (CI runs this through .ci/run)
+#   make test    lint, format and type checks, then the test suite (CI runs this through .ci/run)
+#   make test-slow  the slow tier (the full parallel layout grid)
 #   make bench   benchmarks against their named baselines (figures go to docs/performance.md)
 SHELL := /bin/bash
 PYTHON ?= python3
@@ -9,7 +10,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.megalign-installed
 PYTEST_ARGS ?=
 
-.PHONY: demo test bench install clean
+.PHONY: demo test lint test-slow bench install clean
 
 install: $(STAMP)
 
@@ -33,9 +34,19 @@ $(STAMP): setup.py pyproject.toml csrc/helpers.cpp $(wildcard csrc/dataset_index
 demo: $(STAMP)
 	$(VENV)/bin/megalign demo --workdir demo_output
 
-test: $(STAMP)
+# Lint, format and type checks over megalign/ (configured in pyproject.toml), then the tests.
+lint: $(STAMP)
+	$(VENV)/bin/ruff check megalign
+	$(VENV)/bin/ruff format --check megalign
+	$(VENV)/bin/mypy
+
+test: lint
 	@set -o pipefail; $(PY) -m pytest -q $(PYTEST_ARGS); rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "[make] pytest collected no tests: failing"; exit 1; fi; exit $$rc
+
+# The heavy tier: the full TP x PP x DP layout grid (42 layouts, about 8 minutes here) and other slow tests.
+test-slow: $(STAMP)
+	MEGALIGN_SLOW=1 $(PY) -m pytest -q -m slow $(PYTEST_ARGS)
 
 bench: $(STAMP)
 	$(PY) benchmarks/run_all.py

@@ -57,7 +57,8 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.9",
     packages=find_packages(include=["megalign", "megalign.*"]),
-    package_data={"megalign": ["py.typed", "align/guidelines/*.yaml", "align/lexicons/*.yaml"]},
+    package_data={"megalign": ["py.typed", "align/guidelines/*.yaml", "align/lexicons/*.yaml",
+                              "demo/data/*.jsonl"]},  # the demo's sample corpus
     ext_modules=[helpers_extension],
     cmdclass={"build_ext": BuildExtWithClearErrors},
     install_requires=[
@@ -70,8 +71,12 @@ setup(
         "zstandard>=0.21",
         "safetensors>=0.4",
         "pyyaml>=6",
-        "tqdm>=4.60",
+        "tqdm>=4.60",  # progress bars on a terminal (megalign.utils.progress)
+        "httpx>=0.27",  # pooled keep-alive HTTP for the endpoint client (megalign.align.http_transport)
         "regex>=2023",  # exact fast path for byte-level BPE tokenization (megalign.data.fast_bpe)
+        # --tensorboard-dir: events go through torch.utils.tensorboard.SummaryWriter, which needs it
+        # (imported only when that flag is given).
+        "tensorboard>=2.14",
     ],
     extras_require={
         "dev": [
@@ -80,8 +85,10 @@ setup(
             "datasketch>=1.5",
             # Test-only baseline: interop and index-equality tests skip cleanly without it.
             "megatron-core==0.16.1",
-            # Test-only oracle: our dependency-free event writer is read back with TensorBoard's own reader.
-            "tensorboard>=2.14",
+            # Quality gates of `make test` (pinned: a new release may format or type-check differently).
+            "ruff==0.17.6",
+            "mypy==2.4.1",
+            "types-PyYAML",
         ],
         "hf": ["transformers>=4.40", "safetensors>=0.4", "tokenizers>=0.15", "jinja2>=3"],
         # The quality report's PNG figures (`megalign align report`; --no-plots works without it).

@@ -31,7 +31,7 @@ from typing import Dict, List, Tuple
 import safetensors.torch
 import torch
 
-from megalign.model.config import ModelConfig, to_hf_config
+from megalign.config.model import ModelConfig, to_hf_config
 from megalign.model.hf_weights import weight_names
 
 _MIB = float(1 << 20)

@@ -1,6 +1,6 @@
 """Benchmark: `megalign align dedup`'s MinHash-LSH vs datasketch's MinHashLSH, same corpus, same run.
 
-The corpus is real text (examples/data/sample.jsonl and the shared Arabic corpus when present) plus
+The corpus is real text (megalign/demo/data/sample.jsonl and the shared Arabic corpus when present) plus
 planted near-duplicates: copies of random documents mutated by a few character edits, punctuation and
 diacritics changes, tatweel, and the drop of one sentence, with the (original, copy) pairs as ground truth.
 Both sides do the same work on the same texts: the same key normalisation (normalize_for_match), exact
@@ -37,7 +37,7 @@ sys.path.insert(0, REPO_ROOT)
 
 from megalign.align.dedup import DedupConfig, Sketcher, cluster_duplicates, dedup_key  # noqa: E402
 
-DEFAULT_INPUTS = [os.path.join(REPO_ROOT, "examples", "data", "sample.jsonl"),
+DEFAULT_INPUTS = [os.path.join(REPO_ROOT, "megalign", "demo", "data", "sample.jsonl"),
                   os.path.join(os.path.dirname(REPO_ROOT), "shared", "data", "arabic", "*.jsonl")]
 TARGET_RATIO = 2.0
 _DIACRITICS = "\u064B\u064C\u064D\u064E\u064F\u0650\u0651\u0652"

@@ -3,7 +3,7 @@
 
 Both sides run the same model: a random Hugging Face ``LlamaForCausalLM`` built from a megalign preset
 (``to_hf_config``), saved, imported with ``convert_hf_to_megalign`` and loaded with
-``megalign.inference.load_model``; megalign's tokenizer is a NullTokenizer covering the model's vocabulary
+``megalign.inference.model_loading.load_model``; megalign's tokenizer is a NullTokenizer covering the model's vocabulary
 (prompts are token ids). The prompts are random token ids of random lengths in ``[prompt_length / 2,
 prompt_length]``, taken ``--batch-size`` at a time in the same batches on both sides, left-padded:
 
@@ -70,8 +70,8 @@ def _build(args: argparse.Namespace, workdir: str):
 
     from megalign.convert import convert_hf_to_megalign
     from megalign.data.tokenizers import build_tokenizer
-    from megalign.inference import load_model
-    from megalign.model.config import preset, to_hf_config
+    from megalign.inference.model_loading import load_model
+    from megalign.config.model import preset, to_hf_config
 
     config = preset(args.preset)
     torch.manual_seed(0)
@@ -96,7 +96,8 @@ def _prompts(args: argparse.Namespace, vocab: int) -> List[List[int]]:
 
 
 def _run_megalign(loaded, prompts: List[List[int]], args: argparse.Namespace) -> List[List[int]]:
-    from megalign.inference import GenerationParams, Generator
+    from megalign.inference.generation import Generator
+    from megalign.inference.sampling import GenerationParams
 
     generator = Generator(loaded.model, loaded.tokenizer, max_length=loaded.max_length, max_batch_size=args.batch_size,
                           stop_token_ids=loaded.stop_token_ids, fast=not args.reference)

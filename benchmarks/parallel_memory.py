@@ -27,6 +27,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from megalign.config.sections import OptimizationSection, ParallelSection
 from megalign.model import ModelOptions, preset
 from megalign.parallel import initialize_parallel
 from megalign.parallel.memory import rank_parameters
@@ -46,7 +47,8 @@ def _rank(rank: int, world: int, store: str, queue: Any, preset_name: str, tp: i
         config = preset(preset_name)
         torch.manual_seed(0)
         model = ModelChunks(config, ModelOptions(), state, 1).to(torch.bfloat16 if bf16 else torch.float32)
-        optimizer = build_optimizer(model, argparse.Namespace(lr=1e-4, use_distributed_optimizer=zero1), state)
+        optimizer = build_optimizer(model, OptimizationSection(lr=1e-4), ParallelSection(use_distributed_optimizer=zero1),
+                                    state)
         (sum(p.float().sum() for p in model.parameters()) * 0.0).backward()
         optimizer.step()
         stage = model.chunks[0].stage

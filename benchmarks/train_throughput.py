@@ -69,6 +69,7 @@ sys.path.insert(0, REPO_ROOT)
 
 from megalign.model import (PRESETS, GPTModel, ModelConfig, megalign_state_dict_to_hf, preset,  # noqa: E402
                             to_hf_config)
+from megalign.config.sections import OptimizationSection, ParallelSection  # noqa: E402
 from megalign.training.loss_scale import ConstantLossScaler  # noqa: E402
 from megalign.training.optimizer import MixedPrecisionOptimizer, param_groups_for  # noqa: E402
 from megalign.utils.atomic import write_json_atomic  # noqa: E402
@@ -220,17 +221,16 @@ class Side:
     step: Callable[[], float]
 
 
-def _optimizer_args(args: argparse.Namespace) -> argparse.Namespace:
-    return argparse.Namespace(lr=args.lr, weight_decay=args.weight_decay, adam_beta1=args.adam_beta1,
-                              adam_beta2=args.adam_beta2, adam_eps=args.adam_eps, clip_grad=args.clip_grad,
-                              log_num_zeros_in_grad=False)
+def _optimization(args: argparse.Namespace) -> OptimizationSection:
+    return OptimizationSection(lr=args.lr, weight_decay=args.weight_decay, adam_beta1=args.adam_beta1,
+                               adam_beta2=args.adam_beta2, adam_eps=args.adam_eps, clip_grad=args.clip_grad)
 
 
 def megalign_side(model: GPTModel, tokens: torch.Tensor, labels: torch.Tensor, args: argparse.Namespace) -> Side:
-    """The trainer's step: bf16 model + fp32 masters for --dtype bf16; optimizer built by ``from_args``."""
+    """The trainer's step: bf16 model + fp32 masters for --dtype bf16; optimizer built by ``from_config``."""
     if args.dtype == "bf16":
         model = model.to(torch.bfloat16)
-    optimizer = MixedPrecisionOptimizer.from_args(model, _optimizer_args(args))
+    optimizer = MixedPrecisionOptimizer.from_config(model, _optimization(args), ParallelSection())
     scaler = ConstantLossScaler(1.0)
     forward = torch.compile(model) if args.compile else model
 

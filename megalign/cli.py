@@ -4,6 +4,7 @@ Each subcommand lives in its own module exposing `add_arguments(parser)` and `ma
 tools/*.py call `run_command` with the same flags. Heavy imports (torch, transformers) stay inside
 the subcommand modules' functions so that `megalign --help` is instant.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -22,8 +23,10 @@ COMMANDS: Dict[str, Tuple[str, str]] = {
     ),
     "merge-datasets": ("megalign.data.merge_datasets", "merge finished .bin/.idx shards into one dataset"),
     "train": ("megalign.training.trainer", "train a GPT model on preprocessed data (pretrain_gpt.py)"),
-    "convert": ("megalign.convert.cli", "convert checkpoints between Hugging Face and megalign (hf-to-megalign, "
-                                        "megalign-to-hf)"),
+    "convert": (
+        "megalign.convert.cli",
+        "convert checkpoints between Hugging Face and megalign (hf-to-megalign, megalign-to-hf)",
+    ),
     "align": ("megalign.align.cli", "native-alignment stages: dedup, seed, annotate, build-sft, rewrite"),
     "serve": ("megalign.inference.serve_cli", "serve a checkpoint over an OpenAI-compatible HTTP API"),
     "estimate-memory": ("megalign.parallel.memory_cli", "theoretical memory per rank of a preset at TPxPPxDP layouts"),

@@ -2,6 +2,7 @@
 
 The CLI prints these without a traceback; anything else is a bug and keeps its traceback.
 """
+
 from __future__ import annotations
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-SAMPLE_CORPUS = REPO_ROOT / "examples" / "data" / "sample.jsonl"
+SAMPLE_CORPUS = REPO_ROOT / "megalign" / "demo" / "data" / "sample.jsonl"
 SHARED_ARABIC = REPO_ROOT.parent / "shared" / "data" / "arabic"
 
 
@@ -21,7 +21,7 @@ def repo_root() -> Path:
 
 @pytest.fixture(scope="session")
 def sample_corpus() -> Path:
-    """The shipped sample corpus (examples/data/sample.jsonl): mixed Arabic/English documents."""
+    """The shipped sample corpus (megalign/demo/data/sample.jsonl): mixed Arabic/English documents."""
     assert SAMPLE_CORPUS.is_file(), f"missing shipped sample corpus {SAMPLE_CORPUS}"
     return SAMPLE_CORPUS
 
@@ -83,7 +83,7 @@ def tiny_llama_hf(tmp_path_factory: pytest.TempPathFactory, hf_bpe_tokenizer: Pa
     transformers = pytest.importorskip("transformers")
     import torch
 
-    from megalign.model.config import preset, to_hf_config
+    from megalign.config.model import preset, to_hf_config
 
     config = preset("tiny", vocab_size=1000, rope_theta=500000.0)
     torch.manual_seed(0)

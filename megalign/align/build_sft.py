@@ -9,6 +9,7 @@ atomically; then:
   megalign preprocess --sft --input work/worker_sft.jsonl --output-prefix data/worker ...
   megalign train --sft --finetune --load CHAT_MODEL_CKPT --data-path data/worker_sft_document ...
 """
+
 from __future__ import annotations
 
 import argparse
@@ -36,8 +37,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--skip-bad-records", action="store_true", help="skip malformed lines and count them")
 
 
-def build_sft(inputs: Sequence[str], output: str, guidelines_path: Optional[str] = None,
-              skip_bad_records: bool = False) -> Dict[str, int]:
+def build_sft(
+    inputs: Sequence[str], output: str, guidelines_path: Optional[str] = None, skip_bad_records: bool = False
+) -> Dict[str, int]:
     """Write the SFT records of the annotated pairs in ``inputs`` to ``output``; returns counts."""
     from megalign.align.guidelines import load_guidelines
 
@@ -54,15 +56,21 @@ def build_sft(inputs: Sequence[str], output: str, guidelines_path: Optional[str]
             handle.write(json.dumps({"id": record["id"], **sft}, ensure_ascii=False) + "\n")
             counts["written"] += 1
         if counts["written"] == 0:  # inside the block: nothing is written
-            raise ConfigError(f"--input {' '.join(inputs)}: no annotated pairs (status '{ANNOTATED}') to build SFT "
-                              f"records from; {counts['skipped_not_annotated']} records were not annotated")
+            raise ConfigError(
+                f"--input {' '.join(inputs)}: no annotated pairs (status '{ANNOTATED}') to build SFT "
+                f"records from; {counts['skipped_not_annotated']} records were not annotated"
+            )
     return counts
 
 
 def main(args: argparse.Namespace) -> int:
     counts = build_sft(args.input, args.output, args.guidelines, args.skip_bad_records)
-    print(f"build-sft: {counts['written']} SFT records -> {args.output} ({counts['skipped_not_annotated']} pairs "
-          "left out: not annotated)")
-    print(f"next: megalign preprocess --sft --input {args.output} --output-prefix PREFIX --tokenizer-type ... "
-          "--tokenizer-model ...")
+    print(
+        f"build-sft: {counts['written']} SFT records -> {args.output} ({counts['skipped_not_annotated']} pairs "
+        "left out: not annotated)"
+    )
+    print(
+        f"next: megalign preprocess --sft --input {args.output} --output-prefix PREFIX --tokenizer-type ... "
+        "--tokenizer-model ..."
+    )
     return 0

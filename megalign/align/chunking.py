@@ -8,6 +8,7 @@ paragraph over the limit is cut at line breaks, then after sentence ends (``. ! 
 words, and only a single word over the limit is cut inside it. The rewrites of the pieces are joined
 back with the original separators (:func:`join_rewrites`).
 """
+
 from __future__ import annotations
 
 import re
@@ -31,7 +32,7 @@ def _split_keeping(text: str, pattern: re.Pattern) -> List[Piece]:
     pieces, start = [], 0
     for match in pattern.finditer(text):
         if match.start() > start:
-            pieces.append((text[start:match.start()], match.group()))
+            pieces.append((text[start : match.start()], match.group()))
         elif pieces:  # a separator right after another: glue it on
             pieces[-1] = (pieces[-1][0], pieces[-1][1] + match.group())
         start = match.end()
@@ -93,7 +94,7 @@ def split_document(text: str, max_units: int, count: Counter = len) -> List[Piec
     if max_units < 1:
         raise ValueError(f"max_units must be >= 1, got {max_units}")
     stripped = text.lstrip()
-    lead = text[:len(text) - len(stripped)]
+    lead = text[: len(text) - len(stripped)]
     if not stripped:
         return [("", text)] if text else []
     pieces = _pack(_split_keeping(stripped, _LEVELS[0]), max_units, count, 0)
@@ -106,5 +107,6 @@ def join_rewrites(pieces: Sequence[Piece], rewrites: Sequence[str]) -> str:
     """The rewritten document: each piece's rewrite (stripped) followed by the piece's original separator."""
     if len(pieces) != len(rewrites):
         raise ValueError(f"{len(rewrites)} rewrites for {len(pieces)} pieces")
-    return "".join((rewrite.strip() if text else "") + separator
-                   for (text, separator), rewrite in zip(pieces, rewrites)).strip()
+    return "".join(
+        (rewrite.strip() if text else "") + separator for (text, separator), rewrite in zip(pieces, rewrites)
+    ).strip()

@@ -11,6 +11,7 @@ Every stage reads JSONL files, globs or another stage's output directory, writes
 manifest.json, finishes each record exactly once across crashes and reruns, and (where it makes sense)
 splits its work with --shard-index i --num-shards n. See docs/alignment.md.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -42,9 +43,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="stage", required=True, metavar="{" + ",".join(STAGES) + "}")
     for name, (module_name, text) in STAGES.items():
         module = importlib.import_module(module_name)
-        stage = sub.add_parser(name, help=text, description=(module.__doc__ or "").strip(),
-                               epilog=getattr(module, "EXAMPLES", None),
-                               formatter_class=argparse.RawDescriptionHelpFormatter)
+        stage = sub.add_parser(
+            name,
+            help=text,
+            description=(module.__doc__ or "").strip(),
+            epilog=getattr(module, "EXAMPLES", None),
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
         module.add_arguments(stage)
 
 
@@ -56,11 +61,18 @@ def main(args: argparse.Namespace) -> int:
 
 def add_io_arguments(parser: argparse.ArgumentParser, sharded: bool = True) -> None:
     """--input/--output/--skip-bad-records (and --shard-index/--num-shards) shared by the stages."""
-    parser.add_argument("--input", nargs="+", required=True,
-                        help="JSONL files (.jsonl, .jsonl.gz, .jsonl.zst), globs, or a stage's output directory")
+    parser.add_argument(
+        "--input",
+        nargs="+",
+        required=True,
+        help="JSONL files (.jsonl, .jsonl.gz, .jsonl.zst), globs, or a stage's output directory",
+    )
     parser.add_argument("--output", required=True, help="output directory (rerun with the same one to resume)")
-    parser.add_argument("--skip-bad-records", action="store_true",
-                        help="skip malformed lines and count them instead of stopping at the first")
+    parser.add_argument(
+        "--skip-bad-records",
+        action="store_true",
+        help="skip malformed lines and count them instead of stopping at the first",
+    )
     if sharded:
         parser.add_argument("--shard-index", type=int, default=0, help="this process's shard (default 0)")
         parser.add_argument("--num-shards", type=int, default=1, help="number of shards (default 1)")

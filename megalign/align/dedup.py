@@ -20,6 +20,7 @@ then clusters all shards' sketches globally and writes one output part per input
 both. The result does not depend on n. Every step resumes after a crash: finished shards are not
 sketched again and the output parts finish each record exactly once.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -31,8 +32,14 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from megalign.align.dedup_shards import (SIGNATURES_DIR, SignatureShards, SignatureShardWriter, check_settings,
-                                         load_signature_shards, read_shard_meta)
+from megalign.align.dedup_shards import (
+    SIGNATURES_DIR,
+    SignatureShards,
+    SignatureShardWriter,
+    check_settings,
+    load_signature_shards,
+    read_shard_meta,
+)
 from megalign.align.minhash import MinHasher, band_hashes, candidate_pairs, optimal_bands
 from megalign.align.records import StageInput, check_shard_flags
 from megalign.align.stage_output import ShardOutput
@@ -42,8 +49,18 @@ from megalign.errors import BadRecordError, ConfigError, DataFormatError
 from megalign.utils.atomic import write_json_atomic
 from megalign.utils.progress import ProgressMeter
 
-__all__ = ["Clusters", "DedupConfig", "REPORT_FILE", "Sketcher", "cluster_duplicates", "dedup_key", "exact_hashes",
-           "finalize", "run_dedup", "sketch_shard"]
+__all__ = [
+    "Clusters",
+    "DedupConfig",
+    "REPORT_FILE",
+    "Sketcher",
+    "cluster_duplicates",
+    "dedup_key",
+    "exact_hashes",
+    "finalize",
+    "run_dedup",
+    "sketch_shard",
+]
 
 EXAMPLES = """examples:
   megalign align dedup --input 'raw/*.jsonl' --output work/unique
@@ -95,8 +112,15 @@ class DedupConfig:
     def sketch_settings(self, files: Sequence[str]) -> Dict[str, Any]:
         """What determines a shard's sketches (a finalise refuses sketches made with other values)."""
         bands, rows = self.band_layout()
-        return {"normalization": NORMALIZATION, "ngram": self.ngram, "num_perm": self.num_perm, "bands": bands,
-                "rows": rows, "seed": self.seed, "inputs": list(files)}
+        return {
+            "normalization": NORMALIZATION,
+            "ngram": self.ngram,
+            "num_perm": self.num_perm,
+            "bands": bands,
+            "rows": rows,
+            "seed": self.seed,
+            "inputs": list(files),
+        }
 
     def output_settings(self, files: Sequence[str]) -> Dict[str, Any]:
         """What determines the output parts (a resumed finalise must use the same)."""
@@ -110,8 +134,7 @@ def dedup_key(text: str) -> str:
 
 def exact_hashes(keys: Sequence[str]) -> np.ndarray:
     """(len(keys), 2) uint64: the 128-bit BLAKE2b of each key's UTF-8 bytes."""
-    digests = b"".join(hashlib.blake2b(key.encode("utf-8", "surrogatepass"), digest_size=16).digest()
-                       for key in keys)
+    digests = b"".join(hashlib.blake2b(key.encode("utf-8", "surrogatepass"), digest_size=16).digest() for key in keys)
     return np.frombuffer(digests, dtype="<u8").reshape(len(keys), 2).astype(np.uint64)
 
 
@@ -135,8 +158,8 @@ class Sketcher:
 class Clusters:
     """Per record (in input order): its keeper's position, why it is removed, and its similarity to the keeper."""
 
-    keeper: np.ndarray      # int64: own position when kept
-    kind: np.ndarray        # int8: KEPT, EXACT, NEAR (DUPLICATE_ID is set by the stage)
+    keeper: np.ndarray  # int64: own position when kept
+    kind: np.ndarray  # int8: KEPT, EXACT, NEAR (DUPLICATE_ID is set by the stage)
     similarity: np.ndarray  # float32: estimated Jaccard with the keeper (1.0 for exact duplicates)
     candidate_pairs: int
     linked_pairs: int
@@ -159,8 +182,13 @@ def _first_of_components(num_nodes: int, edges: np.ndarray) -> np.ndarray:
     return np.asarray([find(node) for node in range(num_nodes)], dtype=np.int64)
 
 
-def cluster_duplicates(exact: np.ndarray, bands: np.ndarray, signature_rows: Callable[[np.ndarray], np.ndarray],
-                       threshold: float, window: int = _BUCKET_WINDOW) -> Clusters:
+def cluster_duplicates(
+    exact: np.ndarray,
+    bands: np.ndarray,
+    signature_rows: Callable[[np.ndarray], np.ndarray],
+    threshold: float,
+    window: int = _BUCKET_WINDOW,
+) -> Clusters:
     """Exact clusters (equal ``exact`` rows), then near clusters among the first of each exact cluster.
 
     Rows are records in input order; ``signature_rows(positions)`` returns their MinHash signatures. A
@@ -183,7 +211,7 @@ def cluster_duplicates(exact: np.ndarray, bands: np.ndarray, signature_rows: Cal
     pairs = representatives[candidate_pairs(bands[representatives], window)]
     linked: List[np.ndarray] = []
     for begin in range(0, len(pairs), _VERIFY_PAIRS):
-        block = pairs[begin:begin + _VERIFY_PAIRS]
+        block = pairs[begin : begin + _VERIFY_PAIRS]
         first_sigs, second_sigs = signature_rows(block[:, 0]), signature_rows(block[:, 1])
         matches = np.count_nonzero(first_sigs == second_sigs, axis=1)
         linked.append(block[matches >= threshold * first_sigs.shape[1] - 1e-9])
@@ -196,8 +224,8 @@ def cluster_duplicates(exact: np.ndarray, bands: np.ndarray, signature_rows: Cal
         keeper[near], kind[near] = near_keeper, NEAR
         sims: List[np.ndarray] = []
         for begin in range(0, len(near), _VERIFY_PAIRS):
-            a = signature_rows(near[begin:begin + _VERIFY_PAIRS])
-            b = signature_rows(near_keeper[begin:begin + _VERIFY_PAIRS])
+            a = signature_rows(near[begin : begin + _VERIFY_PAIRS])
+            b = signature_rows(near_keeper[begin : begin + _VERIFY_PAIRS])
             sims.append(np.mean(a == b, axis=1))
         similarity[near] = np.concatenate(sims)
     return Clusters(keeper, kind, similarity, int(len(pairs)), int(len(edges)))
@@ -208,9 +236,15 @@ def _signatures_root(output: str) -> Path:
     return Path(output) / SIGNATURES_DIR
 
 
-def sketch_shard(inputs: Sequence[str], output: str, shard_index: int = 0, num_shards: int = 1,
-                 config: DedupConfig = DedupConfig(), skip_bad_records: bool = False,
-                 progress: bool = True) -> Dict[str, Any]:
+def sketch_shard(
+    inputs: Sequence[str],
+    output: str,
+    shard_index: int = 0,
+    num_shards: int = 1,
+    config: DedupConfig = DedupConfig(),
+    skip_bad_records: bool = False,
+    progress: bool = True,
+) -> Dict[str, Any]:
     """Sketch input shard ``shard_index`` into OUTPUT/signatures/ (skipped when already done); returns its meta."""
     stage = StageInput(inputs, shard_index, num_shards, skip_bad_records, duplicate_ids="keep")
     settings = config.sketch_settings(stage.files)
@@ -221,8 +255,9 @@ def sketch_shard(inputs: Sequence[str], output: str, shard_index: int = 0, num_s
         return done
     sketcher = Sketcher(config)
     writer = SignatureShardWriter(root, shard_index, num_shards, settings)
-    meter = ProgressMeter(f"dedup: sketching shard {shard_index}/{num_shards}", total=stage.count(), unit="docs",
-                          enabled=progress)
+    meter = ProgressMeter(
+        f"dedup: sketching shard {shard_index}/{num_shards}", total=stage.count(), unit="docs", enabled=progress
+    )
     ids: List[str] = []
     texts: List[str] = []
     ordinals: List[int] = []
@@ -231,7 +266,9 @@ def sketch_shard(inputs: Sequence[str], output: str, shard_index: int = 0, num_s
         exact, signatures, bands = sketcher.sketch(texts)
         writer.add(ids, np.asarray(ordinals, dtype=np.int64), exact, signatures, bands)
         meter.update(docs=len(texts), chars=sum(len(t) for t in texts))
-        ids.clear(), texts.clear(), ordinals.clear()
+        ids.clear()
+        texts.clear()
+        ordinals.clear()
 
     try:
         for count, record in enumerate(stage):
@@ -279,9 +316,11 @@ def _drop_repeated_ids(ids: List[str], clusters: Clusters, skip_bad_records: boo
         if first == position:
             continue
         if not skip_bad_records:
-            raise BadRecordError(f"id {rid!r} is used by input records #{first + 1} and #{position + 1} (counting "
-                                 "non-blank lines in input order), whose texts differ; ids must be unique: fix "
-                                 "them, or pass --skip-bad-records to drop the later record")
+            raise BadRecordError(
+                f"id {rid!r} is used by input records #{first + 1} and #{position + 1} (counting "
+                "non-blank lines in input order), whose texts differ; ids must be unique: fix "
+                "them, or pass --skip-bad-records to drop the later record"
+            )
         clusters.kind[position], clusters.keeper[position] = DUPLICATE_ID, first
         repeated.append(rid)
     return repeated
@@ -308,21 +347,43 @@ def _listing(ids: List[str], clusters: Clusters, which: int, limit: int) -> Dict
     return {"removed": int(len(removed)), "clusters": int(len(starts)), "listed": listed}
 
 
-def build_report(ids: List[str], clusters: Clusters, settings: Dict[str, Any], bad_records: Dict[str, Any],
-                 repeated_ids: List[str], limit: int) -> Dict[str, Any]:
+def build_report(
+    ids: List[str],
+    clusters: Clusters,
+    settings: Dict[str, Any],
+    bad_records: Dict[str, Any],
+    repeated_ids: List[str],
+    limit: int,
+) -> Dict[str, Any]:
     """The JSON report of a finalise (identical for any number of shards)."""
     kept = int(np.count_nonzero(clusters.kind == KEPT))
     near = _listing(ids, clusters, NEAR, limit)
     near.update(candidate_pairs=clusters.candidate_pairs, linked_pairs=clusters.linked_pairs)
-    return {"stage": "dedup", "settings": settings, "input_records": len(ids), "kept_records": kept,
-            "removed_records": len(ids) - kept, "exact_duplicates": _listing(ids, clusters, EXACT, limit),
-            "near_duplicates": near, "bad_records": bad_records,
-            "duplicate_ids": {"removed": len(repeated_ids), "ids": repeated_ids[:limit]},
-            "report_limit": limit, "max_listed_per_cluster": _MAX_LISTED_PER_CLUSTER}
+    return {
+        "stage": "dedup",
+        "settings": settings,
+        "input_records": len(ids),
+        "kept_records": kept,
+        "removed_records": len(ids) - kept,
+        "exact_duplicates": _listing(ids, clusters, EXACT, limit),
+        "near_duplicates": near,
+        "bad_records": bad_records,
+        "duplicate_ids": {"removed": len(repeated_ids), "ids": repeated_ids[:limit]},
+        "report_limit": limit,
+        "max_listed_per_cluster": _MAX_LISTED_PER_CLUSTER,
+    }
 
 
-def _write_parts(inputs: Sequence[str], output: str, num_shards: int, shards: SignatureShards,
-                 kept_rows: np.ndarray, settings: Dict[str, Any], skip_bad_records: bool, progress: bool) -> None:
+def _write_parts(
+    inputs: Sequence[str],
+    output: str,
+    num_shards: int,
+    shards: SignatureShards,
+    kept_rows: np.ndarray,
+    settings: Dict[str, Any],
+    skip_bad_records: bool,
+    progress: bool,
+) -> None:
     """Write the kept records of each input shard to its output part (resumable, exactly once)."""
     meter = ProgressMeter("dedup: writing", total=len(kept_rows), unit="docs", enabled=progress)
     for index in range(num_shards):
@@ -335,23 +396,33 @@ def _write_parts(inputs: Sequence[str], output: str, num_shards: int, shards: Si
             row = begin
             for record in stage:
                 if row >= end or record["id"] != shards.ids[row]:
-                    raise DataFormatError(f"the input changed after it was sketched (shard {index}, record "
-                                          f"{record['id']!r}); delete {_signatures_root(output)} and the output "
-                                          "parts, and rerun")
+                    raise DataFormatError(
+                        f"the input changed after it was sketched (shard {index}, record "
+                        f"{record['id']!r}); delete {_signatures_root(output)} and the output "
+                        "parts, and rerun"
+                    )
                 if kept_rows[row] and not out.is_done(record["id"]):
                     out.write(record)
                 row += 1
                 meter.update(docs=1)
             if row != end:
-                raise DataFormatError(f"the input changed after it was sketched (shard {index} has {row - begin} "
-                                      f"records, {end - begin} were sketched); delete {_signatures_root(output)} "
-                                      "and the output parts, and rerun")
+                raise DataFormatError(
+                    f"the input changed after it was sketched (shard {index} has {row - begin} "
+                    f"records, {end - begin} were sketched); delete {_signatures_root(output)} "
+                    "and the output parts, and rerun"
+                )
             out.finish({"input_records": end - begin, "kept_records": int(np.count_nonzero(kept_rows[begin:end]))})
     meter.close()
 
 
-def finalize(inputs: Sequence[str], output: str, num_shards: int = 1, config: DedupConfig = DedupConfig(),
-             skip_bad_records: bool = False, progress: bool = True) -> Dict[str, Any]:
+def finalize(
+    inputs: Sequence[str],
+    output: str,
+    num_shards: int = 1,
+    config: DedupConfig = DedupConfig(),
+    skip_bad_records: bool = False,
+    progress: bool = True,
+) -> Dict[str, Any]:
     """Cluster all shards' sketches, write OUTPUT/dedup_report.json and the output parts; returns the report."""
     check_shard_flags(0, num_shards)
     files = StageInput(inputs, 0, num_shards, skip_bad_records, duplicate_ids="keep").files
@@ -360,25 +431,44 @@ def finalize(inputs: Sequence[str], output: str, num_shards: int = 1, config: De
     shards = load_signature_shards(_signatures_root(output), num_shards, settings, config.num_perm, bands)
     order = np.argsort(shards.ordinals, kind="stable")  # position (input order) -> row
     if len(order) > 1 and np.any(shards.ordinals[order][1:] == shards.ordinals[order][:-1]):
-        raise DataFormatError(f"{_signatures_root(output)}: two shards hold the same input record; delete it and "
-                              "rerun the shards")
-    clusters = cluster_duplicates(shards.exact[order], shards.bands[order],
-                                  lambda positions: shards.signature_rows(order[positions]), config.threshold)
+        raise DataFormatError(
+            f"{_signatures_root(output)}: two shards hold the same input record; delete it and rerun the shards"
+        )
+    clusters = cluster_duplicates(
+        shards.exact[order],
+        shards.bands[order],
+        lambda positions: shards.signature_rows(order[positions]),
+        config.threshold,
+    )
     ids = [shards.ids[row] for row in order.tolist()]
     repeated = _drop_repeated_ids(ids, clusters, skip_bad_records)
-    report = build_report(ids, clusters, {**settings, "threshold": config.threshold},
-                          _merged_bad_records(shards.metas), repeated, config.report_limit)
+    report = build_report(
+        ids,
+        clusters,
+        {**settings, "threshold": config.threshold},
+        _merged_bad_records(shards.metas),
+        repeated,
+        config.report_limit,
+    )
     write_json_atomic(Path(output) / "dedup_report.json", report)
     kept_rows = np.zeros(len(order), dtype=bool)
     kept_rows[order] = clusters.kind == KEPT
-    _write_parts(inputs, output, num_shards, shards, kept_rows, config.output_settings(files), skip_bad_records,
-                 progress)
+    _write_parts(
+        inputs, output, num_shards, shards, kept_rows, config.output_settings(files), skip_bad_records, progress
+    )
     return report
 
 
-def run_dedup(inputs: Sequence[str], output: str, config: DedupConfig = DedupConfig(),
-              shard_index: Optional[int] = None, num_shards: Optional[int] = None, finalize_only: bool = False,
-              skip_bad_records: bool = False, progress: bool = True) -> Dict[str, Any]:
+def run_dedup(
+    inputs: Sequence[str],
+    output: str,
+    config: DedupConfig = DedupConfig(),
+    shard_index: Optional[int] = None,
+    num_shards: Optional[int] = None,
+    finalize_only: bool = False,
+    skip_bad_records: bool = False,
+    progress: bool = True,
+) -> Dict[str, Any]:
     """The whole stage as the command line runs it: sketch one shard, finalise, or (no shard flags) both.
 
     Returns the report (finalise, plain run) or the shard's sketch meta (--shard-index).
@@ -401,41 +491,77 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     from megalign.align.cli import add_io_arguments
 
     add_io_arguments(parser, sharded=False)
-    parser.add_argument("--threshold", type=float, default=0.8,
-                        help="estimated Jaccard similarity at or above which two documents are near-duplicates "
-                             "(default 0.8)")
+    parser.add_argument(
+        "--threshold",
+        type=float,
+        default=0.8,
+        help="estimated Jaccard similarity at or above which two documents are near-duplicates (default 0.8)",
+    )
     parser.add_argument("--ngram", type=int, default=5, help="character n-gram (shingle) length (default 5)")
     parser.add_argument("--num-perm", type=int, default=128, help="MinHash hash functions (default 128)")
-    parser.add_argument("--bands", type=int, default=None,
-                        help="LSH bands (rows = num_perm // bands; default: the optimum for --threshold)")
+    parser.add_argument(
+        "--bands",
+        type=int,
+        default=None,
+        help="LSH bands (rows = num_perm // bands; default: the optimum for --threshold)",
+    )
     parser.add_argument("--seed", type=int, default=1, help="seed of the hash functions (default 1)")
-    parser.add_argument("--shard-index", type=int, default=None,
-                        help="sketch only this input shard (needs --num-shards); finalise afterwards")
-    parser.add_argument("--num-shards", type=int, default=None,
-                        help="number of input shards; without --shard-index: finalise (cluster all shards)")
-    parser.add_argument("--finalize", action="store_true",
-                        help="cluster the sketches of all --num-shards shards and write the output")
+    parser.add_argument(
+        "--shard-index",
+        type=int,
+        default=None,
+        help="sketch only this input shard (needs --num-shards); finalise afterwards",
+    )
+    parser.add_argument(
+        "--num-shards",
+        type=int,
+        default=None,
+        help="number of input shards; without --shard-index: finalise (cluster all shards)",
+    )
+    parser.add_argument(
+        "--finalize", action="store_true", help="cluster the sketches of all --num-shards shards and write the output"
+    )
     parser.add_argument("--batch-size", type=int, default=256, help="documents sketched per batch (default 256)")
-    parser.add_argument("--report-limit", type=int, default=1000,
-                        help="clusters listed per kind in dedup_report.json (default 1000; totals are always given)")
+    parser.add_argument(
+        "--report-limit",
+        type=int,
+        default=1000,
+        help="clusters listed per kind in dedup_report.json (default 1000; totals are always given)",
+    )
 
 
 def main(args: argparse.Namespace) -> int:
     """Run `megalign align dedup`."""
-    config = DedupConfig(threshold=args.threshold, ngram=args.ngram, num_perm=args.num_perm, bands=args.bands,
-                         seed=args.seed, batch_size=args.batch_size, report_limit=args.report_limit)
-    result = run_dedup(args.input, args.output, config, args.shard_index, args.num_shards, args.finalize,
-                       args.skip_bad_records)
+    config = DedupConfig(
+        threshold=args.threshold,
+        ngram=args.ngram,
+        num_perm=args.num_perm,
+        bands=args.bands,
+        seed=args.seed,
+        batch_size=args.batch_size,
+        report_limit=args.report_limit,
+    )
+    result = run_dedup(
+        args.input, args.output, config, args.shard_index, args.num_shards, args.finalize, args.skip_bad_records
+    )
     if args.shard_index is not None:
-        print(f"dedup: shard {args.shard_index} of {args.num_shards}: sketched {result['records']} records into "
-              f"{_signatures_root(args.output)}; when every shard is done, run the same command with "
-              f"--num-shards {args.num_shards} --finalize and without --shard-index")
+        print(
+            f"dedup: shard {args.shard_index} of {args.num_shards}: sketched {result['records']} records into "
+            f"{_signatures_root(args.output)}; when every shard is done, run the same command with "
+            f"--num-shards {args.num_shards} --finalize and without --shard-index"
+        )
         return 0
     exact, near = result["exact_duplicates"], result["near_duplicates"]
-    print(f"dedup: {result['input_records']} records, kept {result['kept_records']}, removed {exact['removed']} "
-          f"exact ({exact['clusters']} clusters) and {near['removed']} near duplicates ({near['clusters']} clusters)"
-          + (f" and {result['duplicate_ids']['removed']} records reusing an id" if result["duplicate_ids"]["removed"]
-             else "") + f"; report: {Path(args.output) / REPORT_FILE}")
+    print(
+        f"dedup: {result['input_records']} records, kept {result['kept_records']}, removed {exact['removed']} "
+        f"exact ({exact['clusters']} clusters) and {near['removed']} near duplicates ({near['clusters']} clusters)"
+        + (
+            f" and {result['duplicate_ids']['removed']} records reusing an id"
+            if result["duplicate_ids"]["removed"]
+            else ""
+        )
+        + f"; report: {Path(args.output) / REPORT_FILE}"
+    )
     if result["bad_records"]["total"]:
         print(f"dedup: skipped {result['bad_records']['total']} bad records", file=sys.stderr)
     return 0

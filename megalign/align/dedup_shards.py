@@ -13,6 +13,7 @@ The directory is assembled under a temporary name and renamed into place when co
 shard is exactly a directory with that name; a killed shard leaves only a temporary directory that the
 next run removes. Everything is .npy read with ``allow_pickle=False`` or JSON: no pickle.
 """
+
 from __future__ import annotations
 
 import json
@@ -28,8 +29,15 @@ from megalign.align.stage_output import part_name
 from megalign.errors import ConfigError, DataFormatError
 from megalign.utils.atomic import install_directory, write_json_atomic
 
-__all__ = ["FORMAT_VERSION", "SIGNATURES_DIR", "SignatureShards", "SignatureShardWriter", "check_settings",
-           "load_signature_shards", "read_shard_meta"]
+__all__ = [
+    "FORMAT_VERSION",
+    "SIGNATURES_DIR",
+    "SignatureShards",
+    "SignatureShardWriter",
+    "check_settings",
+    "load_signature_shards",
+    "read_shard_meta",
+]
 
 SIGNATURES_DIR = "signatures"
 FORMAT_VERSION = 1
@@ -56,15 +64,18 @@ def check_settings(meta: Mapping[str, Any], settings: Mapping[str, Any], where: 
     """ConfigError naming the differences when a shard was sketched with other settings."""
     changed = _differences(meta.get("settings", {}), json.loads(json.dumps(dict(settings))))
     if changed:
-        raise ConfigError(f"{where}: these signatures were computed with other settings ({'; '.join(changed[:4])}); "
-                          "rerun with the same flags, or choose a new --output directory")
+        raise ConfigError(
+            f"{where}: these signatures were computed with other settings ({'; '.join(changed[:4])}); "
+            "rerun with the same flags, or choose a new --output directory"
+        )
 
 
 class SignatureShardWriter:
     """Collects one shard's sketches and commits them as one directory (see the module docstring)."""
 
-    def __init__(self, root: Path, shard_index: int, num_shards: int, settings: Mapping[str, Any],
-                 chunk_rows: int = _CHUNK_ROWS) -> None:
+    def __init__(
+        self, root: Path, shard_index: int, num_shards: int, settings: Mapping[str, Any], chunk_rows: int = _CHUNK_ROWS
+    ) -> None:
         self.root = Path(root)
         self.final_dir = self.root / part_name(shard_index, num_shards)
         self.tmp_dir = self.root / f".{self.final_dir.name}.tmp-{os.getpid()}"
@@ -81,8 +92,9 @@ class SignatureShardWriter:
             shutil.rmtree(stale, ignore_errors=True)
         self.tmp_dir.mkdir(parents=True)
 
-    def add(self, ids: Sequence[str], ordinals: np.ndarray, exact: np.ndarray, signatures: np.ndarray,
-            bands: np.ndarray) -> None:
+    def add(
+        self, ids: Sequence[str], ordinals: np.ndarray, exact: np.ndarray, signatures: np.ndarray, bands: np.ndarray
+    ) -> None:
         """Append a batch of records' sketches (all arrays have one row per id)."""
         self.ids.extend(ids)
         self._ordinals.append(np.asarray(ordinals, dtype=np.int64))
@@ -104,14 +116,24 @@ class SignatureShardWriter:
     def finish(self, num_perm: int, num_bands: int, extra: Mapping[str, Any]) -> Dict[str, Any]:
         """Write the remaining files and rename the directory into place; returns the meta record."""
         self._flush_signatures()
-        arrays = {"ordinals": (self._ordinals, (0,), np.int64), "exact": (self._exact, (0, 2), np.uint64),
-                  "bands": (self._bands, (0, num_bands), np.uint64)}
+        arrays = {
+            "ordinals": (self._ordinals, (0,), np.int64),
+            "exact": (self._exact, (0, 2), np.uint64),
+            "bands": (self._bands, (0, num_bands), np.uint64),
+        }
         for name, (parts, empty_shape, dtype) in arrays.items():
             value = np.concatenate(parts) if parts else np.empty(empty_shape, dtype=dtype)
             np.save(self.tmp_dir / f"{name}.npy", value, allow_pickle=False)
         (self.tmp_dir / "ids.json").write_text(json.dumps(self.ids, ensure_ascii=False), encoding="utf-8")
-        meta = {"format_version": FORMAT_VERSION, "settings": self.settings, "records": len(self.ids),
-                "num_perm": num_perm, "num_bands": num_bands, "signature_chunks": self._chunk_sizes, **extra}
+        meta = {
+            "format_version": FORMAT_VERSION,
+            "settings": self.settings,
+            "records": len(self.ids),
+            "num_perm": num_perm,
+            "num_bands": num_bands,
+            "signature_chunks": self._chunk_sizes,
+            **extra,
+        }
         write_json_atomic(self.tmp_dir / "meta.json", meta)
         for path in self.tmp_dir.iterdir():
             with open(path, "rb") as handle:
@@ -154,16 +176,22 @@ def _load_array(path: Path, dtype: Any, shape: Sequence[Optional[int]], mmap: bo
         value = np.load(path, allow_pickle=False, mmap_mode="r" if mmap else None)
     except (OSError, ValueError, EOFError) as exc:
         raise DataFormatError(f"{path}: cannot read ({exc}); delete {path.parent} and rerun that shard") from None
-    if value.dtype != np.dtype(dtype) or value.ndim != len(shape) or any(
-            want is not None and got != want for got, want in zip(value.shape, shape)):
-        raise DataFormatError(f"{path}: holds {value.dtype} {value.shape}, expected {np.dtype(dtype)} "
-                              f"{tuple('N' if s is None else s for s in shape)}; delete {path.parent} and rerun "
-                              "that shard")
+    if (
+        value.dtype != np.dtype(dtype)
+        or value.ndim != len(shape)
+        or any(want is not None and got != want for got, want in zip(value.shape, shape))
+    ):
+        raise DataFormatError(
+            f"{path}: holds {value.dtype} {value.shape}, expected {np.dtype(dtype)} "
+            f"{tuple('N' if s is None else s for s in shape)}; delete {path.parent} and rerun "
+            "that shard"
+        )
     return value
 
 
-def load_signature_shards(root: Path, num_shards: int, settings: Mapping[str, Any], num_perm: int,
-                          num_bands: int, shard_command: str = "") -> SignatureShards:
+def load_signature_shards(
+    root: Path, num_shards: int, settings: Mapping[str, Any], num_perm: int, num_bands: int, shard_command: str = ""
+) -> SignatureShards:
     """Read all ``num_shards`` shards under ``root``; errors name missing, stale or malformed shards."""
     root = Path(root)
     metas = [read_shard_meta(root, i, num_shards) for i in range(num_shards)]
@@ -171,8 +199,10 @@ def load_signature_shards(root: Path, num_shards: int, settings: Mapping[str, An
     if missing:
         listed = ", ".join(str(i) for i in missing[:16]) + (" ..." if len(missing) > 16 else "")
         hint = f" ({shard_command})" if shard_command else ""
-        raise DataFormatError(f"{root}: the signatures of shard(s) {listed} of {num_shards} are missing; run "
-                              f"those shards with --shard-index I --num-shards {num_shards}{hint}, then finalise")
+        raise DataFormatError(
+            f"{root}: the signatures of shard(s) {listed} of {num_shards} are missing; run "
+            f"those shards with --shard-index I --num-shards {num_shards}{hint}, then finalise"
+        )
     ids: List[str] = []
     ordinals, exact, bands, chunks = [], [], [], []
     shard_starts, chunk_starts = [0], [0]
@@ -180,15 +210,18 @@ def load_signature_shards(root: Path, num_shards: int, settings: Mapping[str, An
         directory = root / part_name(index, num_shards)
         assert meta is not None
         if meta.get("format_version") != FORMAT_VERSION:
-            raise DataFormatError(f"{directory}: format version {meta.get('format_version')!r}, expected "
-                                  f"{FORMAT_VERSION}; delete it and rerun that shard")
+            raise DataFormatError(
+                f"{directory}: format version {meta.get('format_version')!r}, expected "
+                f"{FORMAT_VERSION}; delete it and rerun that shard"
+            )
         check_settings(meta, settings, directory)
         count = int(meta["records"])
         try:
             shard_ids = json.loads((directory / "ids.json").read_text(encoding="utf-8"))
         except (OSError, ValueError) as exc:
-            raise DataFormatError(f"{directory / 'ids.json'}: cannot read ({exc}); delete {directory} and rerun "
-                                  "that shard") from None
+            raise DataFormatError(
+                f"{directory / 'ids.json'}: cannot read ({exc}); delete {directory} and rerun that shard"
+            ) from None
         if not isinstance(shard_ids, list) or len(shard_ids) != count:
             raise DataFormatError(f"{directory / 'ids.json'}: expected a list of {count} ids")
         ids.extend(shard_ids)
@@ -200,10 +233,18 @@ def load_signature_shards(root: Path, num_shards: int, settings: Mapping[str, An
             chunks.append(chunk)
             chunk_starts.append(chunk_starts[-1] + size)
         if chunk_starts[-1] != shard_starts[-1] + count:
-            raise DataFormatError(f"{directory}: signature chunks hold {chunk_starts[-1] - shard_starts[-1]} rows, "
-                                  f"meta.json says {count}; delete it and rerun that shard")
+            raise DataFormatError(
+                f"{directory}: signature chunks hold {chunk_starts[-1] - shard_starts[-1]} rows, "
+                f"meta.json says {count}; delete it and rerun that shard"
+            )
         shard_starts.append(shard_starts[-1] + count)
-    return SignatureShards(ids=ids, ordinals=np.concatenate(ordinals), exact=np.concatenate(exact),
-                           bands=np.concatenate(bands), shard_starts=np.asarray(shard_starts, dtype=np.int64),
-                           metas=[m for m in metas if m is not None], chunks=chunks,
-                           chunk_starts=np.asarray(chunk_starts, dtype=np.int64))
+    return SignatureShards(
+        ids=ids,
+        ordinals=np.concatenate(ordinals),
+        exact=np.concatenate(exact),
+        bands=np.concatenate(bands),
+        shard_starts=np.asarray(shard_starts, dtype=np.int64),
+        metas=[m for m in metas if m is not None],
+        chunks=chunks,
+        chunk_starts=np.asarray(chunk_starts, dtype=np.int64),
+    )

@@ -11,6 +11,7 @@ language (`fr`, `ur`, ...) with a known script.
     messages = guidelines.expert_messages(text, "ar")    # [{"role": "system", ...}, {"role": "user", ...}]
     record = guidelines.worker_sft_record(original, rewritten, "ar")   # {"system", "prompt", "response"}
 """
+
 from __future__ import annotations
 
 import difflib
@@ -25,8 +26,16 @@ from megalign.align.text_signals import SCRIPTS
 from megalign.align.text_signals import detect_language as detect_language_by_script
 from megalign.errors import ConfigError
 
-__all__ = ["AREAS", "PLACEHOLDERS", "Guidelines", "LanguageGuidelines", "default_guidelines_path",
-           "detect_language", "load_guidelines", "parse_guidelines"]
+__all__ = [
+    "AREAS",
+    "PLACEHOLDERS",
+    "Guidelines",
+    "LanguageGuidelines",
+    "default_guidelines_path",
+    "detect_language",
+    "load_guidelines",
+    "parse_guidelines",
+]
 
 #: The four areas of the polishing guidelines, in the order they are rendered into prompts.
 AREAS = ("format", "values", "content_moderation", "knowledge_preservation")
@@ -63,13 +72,17 @@ class LanguageGuidelines:
 
     def expert_messages(self, document: str) -> Messages:
         """System and user chat messages asking the expert to rewrite `document`."""
-        return [{"role": "system", "content": self._render(self.expert_system, document)},
-                {"role": "user", "content": self._render(self.expert_user, document)}]
+        return [
+            {"role": "system", "content": self._render(self.expert_system, document)},
+            {"role": "user", "content": self._render(self.expert_user, document)},
+        ]
 
     def worker_messages(self, document: str) -> Messages:
         """System and user chat messages for the worker (the same for its SFT pairs and at inference)."""
-        return [{"role": "system", "content": self._render(self.worker_system, document)},
-                {"role": "user", "content": self._render(self.worker_user, document)}]
+        return [
+            {"role": "system", "content": self._render(self.worker_system, document)},
+            {"role": "user", "content": self._render(self.worker_user, document)},
+        ]
 
 
 def detect_language(text: str, languages: Mapping[str, LanguageGuidelines]) -> str:
@@ -99,8 +112,10 @@ class Guidelines:
         """The section of `language`, detected from `document` when None; ConfigError for an unknown code."""
         code = self.detect_language(document) if language is None else language
         if code not in self.languages:
-            raise ConfigError(f"{self.source}: no guidelines for language {code!r}; this file covers "
-                              f"{', '.join(self.languages)} (add a section under 'languages' for it)")
+            raise ConfigError(
+                f"{self.source}: no guidelines for language {code!r}; this file covers "
+                f"{', '.join(self.languages)} (add a section under 'languages' for it)"
+            )
         return self.languages[code]
 
     def expert_messages(self, document: str, language: Optional[str] = None) -> Messages:
@@ -152,16 +167,19 @@ def _template(value: object, where: str, needs_document: bool) -> str:
         raise ConfigError(f"{where}: malformed placeholder ({error}); write a literal brace as {{{{ or }}}}") from None
     unknown = sorted(name for name in names if name not in PLACEHOLDERS)
     if unknown:
-        raise ConfigError(f"{where}: unknown placeholder {{{unknown[0]}}}; placeholders are "
-                          + ", ".join(f"{{{name}}}" for name in PLACEHOLDERS))
+        raise ConfigError(
+            f"{where}: unknown placeholder {{{unknown[0]}}}; placeholders are "
+            + ", ".join(f"{{{name}}}" for name in PLACEHOLDERS)
+        )
     if needs_document and "document" not in names:
         raise ConfigError(f"{where}: must contain the {{document}} placeholder")
     return text
 
 
 def _language(code: str, value: object, where: str) -> LanguageGuidelines:
-    section = _mapping(value, where, ("name", "script", "areas", "expert", "worker"),
-                       ("name", "script", "areas", "expert", "worker"))
+    section = _mapping(
+        value, where, ("name", "script", "areas", "expert", "worker"), ("name", "script", "areas", "expert", "worker")
+    )
     script = _text(section["script"], f"{where}.script")
     if script not in SCRIPTS:
         raise ConfigError(f"{where}.script: unknown script {script!r}; known scripts: {', '.join(SCRIPTS)}")
@@ -173,16 +191,27 @@ def _language(code: str, value: object, where: str) -> LanguageGuidelines:
         rules = area_value["rules"]
         if not isinstance(rules, list) or not rules:
             raise ConfigError(f"{area_where}.rules: expected a non-empty list of rules")
-        areas[area] = (_text(area_value["title"], f"{area_where}.title"),
-                       tuple(_text(rule, f"{area_where}.rules[{index}]").strip() for index, rule in enumerate(rules)))
+        areas[area] = (
+            _text(area_value["title"], f"{area_where}.title"),
+            tuple(_text(rule, f"{area_where}.rules[{index}]").strip() for index, rule in enumerate(rules)),
+        )
     prompts = {}
     for role in ("expert", "worker"):
         role_value = _mapping(section[role], f"{where}.{role}", ("system", "user"), ("system", "user"))
-        prompts[role] = (_template(role_value["system"], f"{where}.{role}.system", needs_document=False),
-                         _template(role_value["user"], f"{where}.{role}.user", needs_document=True))
-    return LanguageGuidelines(code=code, name=_text(section["name"], f"{where}.name").strip(), script=script,
-                              areas=areas, expert_system=prompts["expert"][0], expert_user=prompts["expert"][1],
-                              worker_system=prompts["worker"][0], worker_user=prompts["worker"][1])
+        prompts[role] = (
+            _template(role_value["system"], f"{where}.{role}.system", needs_document=False),
+            _template(role_value["user"], f"{where}.{role}.user", needs_document=True),
+        )
+    return LanguageGuidelines(
+        code=code,
+        name=_text(section["name"], f"{where}.name").strip(),
+        script=script,
+        areas=areas,
+        expert_system=prompts["expert"][0],
+        expert_user=prompts["expert"][1],
+        worker_system=prompts["worker"][0],
+        worker_user=prompts["worker"][1],
+    )
 
 
 def parse_guidelines(data: object, source: str) -> Guidelines:

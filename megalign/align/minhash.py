@@ -22,6 +22,7 @@ positive and false negative areas under the S-curve).
     pairs = candidate_pairs(bands)                                   # (M, 2) int64, i < j
     keep = estimate_jaccard(sigs[pairs[:, 0]], sigs[pairs[:, 1]]) >= 0.8
 """
+
 from __future__ import annotations
 
 from typing import List, Sequence, Tuple
@@ -87,7 +88,7 @@ class MinHasher:
         h = codes[:windows].copy()
         for j in range(1, n):
             h *= self._poly
-            h += codes[j:j + windows]
+            h += codes[j : j + windows]
         counts = lengths - n + 1
         offsets = np.zeros(len(texts) + 1, dtype=np.int64)
         np.cumsum(counts, out=offsets[1:])
@@ -116,7 +117,7 @@ class MinHasher:
         text = 0
         for begin in range(0, total, _CHUNK_SHINGLES):
             end = min(begin + _CHUNK_SHINGLES, total)
-            view = block[:end - begin]
+            view = block[: end - begin]
             np.multiply(hashes[begin:end, None], self._a[None, :], out=view)
             view += self._b
             while text < num_texts and bounds[text] < end:
@@ -141,8 +142,9 @@ def _integrate(values: np.ndarray, grid: np.ndarray) -> float:
     return float(np.sum((values[1:] + values[:-1]) * np.diff(grid)) / 2.0)
 
 
-def optimal_bands(threshold: float, num_perm: int, false_positive_weight: float = 0.5,
-                  false_negative_weight: float = 0.5) -> Tuple[int, int]:
+def optimal_bands(
+    threshold: float, num_perm: int, false_positive_weight: float = 0.5, false_negative_weight: float = 0.5
+) -> Tuple[int, int]:
     """The (bands, rows), ``bands * rows <= num_perm``, minimising the weighted false positive and false
     negative areas of the LSH S-curve ``1 - (1 - s**rows)**bands`` around ``threshold`` (datasketch's rule)."""
     if not 0.0 < threshold <= 1.0:
@@ -165,7 +167,7 @@ def band_hashes(signatures: np.ndarray, bands: int, rows: int, seed: int = 1) ->
     signatures = np.asarray(signatures)
     if signatures.ndim != 2 or bands < 1 or rows < 1 or bands * rows > signatures.shape[1]:
         raise ConfigError(f"{bands} bands of {rows} rows do not fit signatures of shape {signatures.shape}")
-    grid = signatures[:, :bands * rows].reshape(len(signatures), bands, rows).astype(np.uint64)
+    grid = signatures[:, : bands * rows].reshape(len(signatures), bands, rows).astype(np.uint64)
     rng = np.random.default_rng([seed, 0x6C7368])  # "lsh"
     h = np.broadcast_to(rng.integers(0, 2**63, size=bands, dtype=np.uint64), (len(signatures), bands)).copy()
     for j in range(rows):

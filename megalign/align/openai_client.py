@@ -1,9 +1,11 @@
 """HTTP client for OpenAI-compatible endpoints: the alignment expert (annotate) and workers (rewrite).
 
 Talks to ``POST {base_url}/chat/completions`` (messages) and ``POST {base_url}/completions`` (prompt) of
-OpenAI, vLLM, TGI or ``megalign serve``, using only the standard library. One `ChatClient` spreads requests
-over one or more base URLs (least busy first, round-robin among equals; an endpoint that fails is avoided for
-a cool-down and the others carry on), bounds concurrency, paces requests with `RateLimiter`, and retries:
+OpenAI, vLLM, TGI or ``megalign serve``. One `ChatClient` sends over pooled keep-alive connections
+(`HttpTransport`, one httpx client per ChatClient, closed by `close()`; proxy variables such as HTTPS_PROXY
+and NO_PROXY are honoured), spreads requests over one or more base URLs (least busy first, round-robin among
+equals; an endpoint that fails is avoided for a cool-down and the others carry on), bounds concurrency, paces
+requests with `RateLimiter`, and retries:
 
 * connection errors, resets and dropped connections (``connection_error``), timeouts (``timeout``), HTTP 429
   (``rate_limited``; Retry-After is honoured), 408/409 and 5xx (``http_NNN``), unparseable JSON or replies
@@ -24,23 +26,32 @@ Batch use (the stages)::
                         on_result=write_record, total=n, progress="rewrite")
         summary["client"] = client.usage()
 """
+
 from __future__ import annotations
 
 import argparse
-import http.client
 import json
 import logging
 import os
 import re
-import socket
 import threading
 import time
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, Generator, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 from urllib.parse import urlsplit
 
-from megalign.align.rate_limit import Backoff, Endpoint, EndpointPool, RateLimiter, parse_retry_after
+from megalign.align.http_transport import HttpReply, HttpTransport, TransportFailure
+from megalign.align.rate_limit import (
+    Backoff,
+    Clock,
+    Endpoint,
+    EndpointPool,
+    RateLimiter,
+    Sleep,
+    parse_retry_after,
+    wait_or_cancel,
+)
 from megalign.errors import ConfigError, MegalignError
 from megalign.utils.progress import ProgressMeter
 
@@ -51,7 +62,6 @@ Validator = Callable[[str], Optional[str]]
 
 RETRYABLE_STATUS = frozenset({408, 409, 429})
 FATAL_STATUS = frozenset({401, 403, 404})
-MAX_REPLY_BYTES = 64 << 20
 _SK_PATTERN = re.compile(r"\bsk-[A-Za-z0-9_\-*.]{6,}")
 
 
@@ -88,10 +98,11 @@ class ClientConfig:
 
     api_key: explicit key, else read from the environment variable `api_key_env` (none: no
     Authorization header, as for a local vLLM). timeout: seconds for a whole attempt (connect, send,
-    wait, read). max_retries: retries of transport/server failures; retry_invalid: extra attempts for
-    replies that fail validation. backoff_base/backoff_max: full-jitter backoff; seed makes it
-    reproducible. endpoint_cooldown: seconds a failing endpoint is avoided (doubling per consecutive
-    failure, capped at 60). requests_per_minute/tokens_per_minute: client-side pacing (None: off).
+    wait, read; megalign.align.http_transport says exactly how). max_retries: retries of transport/server
+    failures; retry_invalid: extra attempts for replies that fail validation. backoff_base/backoff_max:
+    full-jitter backoff; seed makes it reproducible. endpoint_cooldown: seconds a failing endpoint is
+    avoided (doubling per consecutive failure, capped at 60). requests_per_minute/tokens_per_minute:
+    client-side pacing (None: off).
     temperature/max_tokens/top_p/stop and extra_body: generation parameters sent with every request.
     """
 
@@ -128,8 +139,9 @@ class ClientConfig:
         for url in self.base_urls:
             parts = urlsplit(url)
             if parts.scheme not in ("http", "https") or not parts.hostname:
-                raise ConfigError(f"--base-url {url!r}: expected http(s)://HOST[:PORT]/PATH, "
-                                  "e.g. http://127.0.0.1:8000/v1")
+                raise ConfigError(
+                    f"--base-url {url!r}: expected http(s)://HOST[:PORT]/PATH, e.g. http://127.0.0.1:8000/v1"
+                )
         if not self.model:
             raise ConfigError("--model: a model name is required (the name the endpoint serves)")
         for name, minimum in (("max_concurrency", 1), ("max_retries", 0), ("retry_invalid", 0)):
@@ -252,10 +264,15 @@ class UsageTotals:
     def as_dict(self) -> Dict[str, Any]:
         with self._lock:
             return {
-                "requests": self.requests, "succeeded": self.succeeded, "failed": self.failed,
-                "attempts": self.attempts, "retries": self.retries,
-                "prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
-                "failures": dict(self.failures), "retry_reasons": dict(self.retry_reasons),
+                "requests": self.requests,
+                "succeeded": self.succeeded,
+                "failed": self.failed,
+                "attempts": self.attempts,
+                "retries": self.retries,
+                "prompt_tokens": self.prompt_tokens,
+                "completion_tokens": self.completion_tokens,
+                "failures": dict(self.failures),
+                "retry_reasons": dict(self.retry_reasons),
                 "endpoints": {url: dict(stats) for url, stats in self.endpoints.items()},
             }
 
@@ -265,28 +282,43 @@ class ChatClient:
 
     `validator` (function(text) -> None or a reason) is the default reply check for every request.
     Thread-safe: `execute` may be called from many threads; at most `max_concurrency` HTTP attempts
-    are in flight at once across all of them.
+    are in flight at once across all of them. Connections are pooled and kept alive until `close()`
+    (or the end of a `with` block). `clock` (monotonic seconds) and `sleep` (a function of seconds;
+    None: real waits that wake on cancel) drive backoff, rate-limit waits, endpoint cool-downs and
+    `elapsed`; tests inject fakes. Per-attempt network timeouts always run on the real clock.
     """
 
-    def __init__(self, config: ClientConfig, validator: Optional[Validator] = None) -> None:
+    def __init__(
+        self,
+        config: ClientConfig,
+        validator: Optional[Validator] = None,
+        *,
+        clock: Clock = time.monotonic,
+        sleep: Optional[Sleep] = None,
+    ) -> None:
         self.config = config
         self.validator = validator
         self._api_key = config.resolved_api_key()
-        self._pool = EndpointPool(config.base_urls, config.endpoint_cooldown)
-        self._limiter = RateLimiter(config.requests_per_minute, config.tokens_per_minute)
+        self._clock = clock
+        self._sleep = sleep
+        self._pool = EndpointPool(config.base_urls, config.endpoint_cooldown, clock)
+        self._limiter = RateLimiter(config.requests_per_minute, config.tokens_per_minute, clock=clock, sleep=sleep)
         self._backoff = Backoff(config.backoff_base, config.backoff_max, config.seed)
         self._slots = threading.BoundedSemaphore(config.max_concurrency)
         self._closed = threading.Event()
         self.totals = UsageTotals()
+        # + 2: list_models / check_endpoints run outside the attempt slots
+        self._transport = HttpTransport(config.timeout, config.max_concurrency + 2, self._headers())
         if self._api_key is not None:
             for ep in self._pool.endpoints:
                 if not ep.https and ep.host not in ("127.0.0.1", "localhost", "::1"):
-                    logger.warning("sending the API key over plain HTTP to %s; use https:// or unset the key",
-                                   ep.url)
+                    logger.warning("sending the API key over plain HTTP to %s; use https:// or unset the key", ep.url)
 
     def __repr__(self) -> str:
-        return (f"ChatClient(base_urls={list(self.config.base_urls)!r}, model={self.config.model!r}, "
-                f"api_key={'set' if self._api_key else 'unset'})")
+        return (
+            f"ChatClient(base_urls={list(self.config.base_urls)!r}, model={self.config.model!r}, "
+            f"api_key={'set' if self._api_key else 'unset'})"
+        )
 
     __str__ = __repr__
 
@@ -297,8 +329,9 @@ class ChatClient:
         self.close()
 
     def close(self) -> None:
-        """Stop: calls in backoff or rate-limit waits return 'cancelled' at once."""
+        """Stop: calls in backoff or rate-limit waits return 'cancelled' at once; pooled connections close."""
         self._closed.set()
+        self._transport.close()
 
     def usage(self) -> Dict[str, Any]:
         """Totals so far: requests, succeeded, failed, attempts, retries, tokens, failures by reason."""
@@ -316,7 +349,7 @@ class ChatClient:
 
     def execute(self, request: CompletionRequest, cancel: Optional[threading.Event] = None) -> CompletionResult:
         """Run one request to success or to a failure result; never raises for endpoint trouble."""
-        start = time.monotonic()
+        start = self._clock()
         path, payload, estimate = self._payload(request)
         validator = request.validator or self.validator
         result = CompletionResult(key=request.key, ok=False)
@@ -335,6 +368,9 @@ class ChatClient:
                     self._pool.release(endpoint, False, outcome.reason, outcome.endpoint_fault, outcome.retry_after)
                 else:
                     self._pool.release(endpoint, ok=isinstance(outcome, _Reply))
+            if isinstance(outcome, _Failure) and self._cancelled(cancel):
+                # closed or cancelled mid-attempt: the failure is ours, not the endpoint's
+                return self._finish(result, start, "cancelled", "cancelled before the request completed")
             result.attempts += 1
             result.endpoint = endpoint.url
             last = endpoint
@@ -357,17 +393,26 @@ class ChatClient:
                 return self._finish(result, start, reason, f"reply rejected after {result.attempts} attempts: {detail}")
             if not outcome.retryable or retries >= self.config.max_retries:
                 result.fatal = outcome.fatal
-                message = outcome.message if not outcome.retryable else (
-                    f"gave up after {result.attempts} attempts: {outcome.message}")
+                message = (
+                    outcome.message
+                    if not outcome.retryable
+                    else (f"gave up after {result.attempts} attempts: {outcome.message}")
+                )
                 return self._finish(result, start, outcome.reason, message)
             retries += 1
             self.totals.retry(outcome.reason)
             delay = self._backoff.delay(retries)
             if outcome.retry_after is not None:
                 delay = max(delay, min(outcome.retry_after, self.config.max_retry_after))
-            logger.debug("request %r: %s from %s (attempt %d); retrying in %.2fs",
-                         request.key, outcome.reason, endpoint.url, result.attempts, delay)
-            if self._cancel_event(cancel).wait(delay) or self._cancelled(cancel):
+            logger.debug(
+                "request %r: %s from %s (attempt %d); retrying in %.2fs",
+                request.key,
+                outcome.reason,
+                endpoint.url,
+                result.attempts,
+                delay,
+            )
+            if wait_or_cancel(delay, self._cancel_event(cancel), self._sleep) or self._cancelled(cancel):
                 return self._finish(result, start, "cancelled", "cancelled while waiting to retry")
 
     def _cancel_event(self, cancel: Optional[threading.Event]) -> threading.Event:
@@ -376,9 +421,10 @@ class ChatClient:
     def _cancelled(self, cancel: Optional[threading.Event]) -> bool:
         return self._closed.is_set() or (cancel is not None and cancel.is_set())
 
-    def _finish(self, result: CompletionResult, start: float, reason: Optional[str] = None,
-                message: str = "") -> CompletionResult:
-        result.elapsed = time.monotonic() - start
+    def _finish(
+        self, result: CompletionResult, start: float, reason: Optional[str] = None, message: str = ""
+    ) -> CompletionResult:
+        result.elapsed = self._clock() - start
         if reason is not None:
             result.ok, result.reason, result.message = False, reason, self._redact(message)
             if reason == "cancelled":
@@ -423,58 +469,35 @@ class ChatClient:
     # ---------------------------------------------------------------- one HTTP attempt
 
     def _headers(self) -> Dict[str, str]:
-        headers = {"Content-Type": "application/json", "Accept": "application/json", "Connection": "close",
-                   "User-Agent": "megalign-align-client"}
+        headers = {
+            "Content-Type": "application/json",
+            "Accept": "application/json",
+            "User-Agent": "megalign-align-client",
+        }
         if self._api_key is not None:
             headers["Authorization"] = "Bearer " + self._api_key.reveal()
         return headers
 
-    def _request(self, endpoint: Endpoint, method: str, path: str, payload: Optional[bytes]
-                 ) -> Tuple[int, Mapping[str, str], bytes]:
-        """Send one request and read the whole reply within `timeout` seconds (raises OSError,
-        socket.timeout or http.client.HTTPException)."""
-        deadline = time.monotonic() + self.config.timeout
-        cls = http.client.HTTPSConnection if endpoint.https else http.client.HTTPConnection
-        conn = cls(endpoint.host, endpoint.port, timeout=self.config.timeout)
-        try:
-            conn.request(method, endpoint.path + path, body=payload, headers=self._headers())
-            sock = conn.sock
-            _set_timeout(sock, deadline)
-            response = conn.getresponse()
-            chunks: List[bytes] = []
-            size = 0
-            while True:
-                _set_timeout(sock, deadline)
-                chunk = response.read1(65536)
-                if not chunk:
-                    break
-                chunks.append(chunk)
-                size += len(chunk)
-                if size > MAX_REPLY_BYTES:
-                    raise http.client.HTTPException(f"reply larger than {MAX_REPLY_BYTES} bytes")
-            if response.length:  # read1 returns b"" at EOF even when Content-Length promised more
-                raise http.client.IncompleteRead(b"".join(chunks), response.length)
-            return response.status, response.headers, b"".join(chunks)
-        finally:
-            conn.close()
-
     def _attempt(self, endpoint: Endpoint, path: str, payload: bytes) -> Union[_Reply, _Failure]:
         where = f"{endpoint.url}{path}"
         try:
-            status, headers, body = self._request(endpoint, "POST", path, payload)
-        except socket.timeout:
-            return _Failure("timeout", f"no complete reply from {where} within {self.config.timeout:g}s",
-                            retryable=True, endpoint_fault=True)
-        except (OSError, http.client.HTTPException) as exc:
-            return _Failure("connection_error", f"connection to {where} failed: {type(exc).__name__}: {exc}",
-                            retryable=True, endpoint_fault=True)
+            reply = self._transport.request("POST", where, payload)
+        except TransportFailure as exc:
+            return _Failure(exc.reason, exc.message, retryable=True, endpoint_fault=exc.reason != "malformed_reply")
+        status, body = reply.status, reply.body
         if status != 200:
-            retry_after = parse_retry_after(headers.get("Retry-After"))
+            retry_after = parse_retry_after(reply.headers.get("Retry-After"))
             retryable = status in RETRYABLE_STATUS or status >= 500
             reason = "rate_limited" if status == 429 else f"http_{status}"
             message = f"HTTP {status} from {where}: {_server_message(body)}"
-            return _Failure(reason, message, retryable, retry_after if retryable else None,
-                            fatal=status in FATAL_STATUS, endpoint_fault=status >= 500)
+            return _Failure(
+                reason,
+                message,
+                retryable,
+                retry_after if retryable else None,
+                fatal=status in FATAL_STATUS,
+                endpoint_fault=status >= 500,
+            )
         try:
             return _parse_reply(body, chat=path.endswith("/chat/completions"))
         except ValueError as exc:
@@ -487,8 +510,9 @@ class ChatClient:
 
     # ---------------------------------------------------------------- batches
 
-    def iter_results(self, requests: Iterable[CompletionRequest],
-                     cancel: Optional[threading.Event] = None) -> Iterator[CompletionResult]:
+    def iter_results(
+        self, requests: Iterable[CompletionRequest], cancel: Optional[threading.Event] = None
+    ) -> Generator[CompletionResult, None, None]:
         """Run requests on `max_concurrency` threads, yielding results as they finish (any order).
 
         `requests` is consumed lazily (at most 2 x max_concurrency ahead), so it may be a generator
@@ -524,9 +548,15 @@ class ChatClient:
                     future.cancel()
             executor.shutdown(wait=finished)
 
-    def run_many(self, requests: Iterable[CompletionRequest],
-                 on_result: Optional[Callable[[CompletionResult], None]] = None, *, total: Optional[int] = None,
-                 progress: Union[ProgressMeter, str, None] = None, stop_on_fatal: bool = True) -> Dict[str, Any]:
+    def run_many(
+        self,
+        requests: Iterable[CompletionRequest],
+        on_result: Optional[Callable[[CompletionResult], None]] = None,
+        *,
+        total: Optional[int] = None,
+        progress: Union[ProgressMeter, str, None] = None,
+        stop_on_fatal: bool = True,
+    ) -> Dict[str, Any]:
         """Run many requests with bounded concurrency; `on_result(result)` is called as each finishes.
 
         The callback runs in the calling thread (one at a time, so it needs no lock); results arrive in
@@ -541,8 +571,9 @@ class ChatClient:
         try:
             for result in results:
                 if result.fatal and stop_on_fatal:
-                    raise EndpointError(f"{result.message} (request {result.key!r}); check --base-url, --model "
-                                        "and the API key")
+                    raise EndpointError(
+                        f"{result.message} (request {result.key!r}); check --base-url, --model and the API key"
+                    )
                 if meter is not None:
                     meter.update(requests=1, tokens=result.prompt_tokens + result.completion_tokens)
                 if on_result is not None:
@@ -564,11 +595,11 @@ class ChatClient:
     def list_models(self, base_url: Optional[str] = None) -> List[str]:
         """Model ids served at `base_url` (default: the first); raises EndpointError if unreachable."""
         url = (base_url or self.config.base_urls[0]).rstrip("/")
-        endpoint = Endpoint(url)
         try:
-            status, _, body = self._request(endpoint, "GET", "/models", None)
-        except (OSError, http.client.HTTPException) as exc:
-            raise EndpointError(f"{url}/models: cannot connect ({type(exc).__name__}: {exc})") from None
+            reply: HttpReply = self._transport.request("GET", url + "/models")
+        except TransportFailure as exc:
+            raise EndpointError(self._redact(f"{url}/models: {exc.reason}: {exc.message}")) from None
+        status, body = reply.status, reply.body
         if status != 200:
             raise EndpointError(self._redact(f"{url}/models: HTTP {status}: {_server_message(body)}"))
         try:
@@ -585,20 +616,12 @@ class ChatClient:
             except EndpointError as exc:
                 report[url] = str(exc)
                 continue
-            report[url] = None if self.config.model in models else (
-                f"{url} does not serve model {self.config.model!r} (it serves: {', '.join(models[:10])})")
+            report[url] = (
+                None
+                if self.config.model in models
+                else (f"{url} does not serve model {self.config.model!r} (it serves: {', '.join(models[:10])})")
+            )
         return report
-
-
-def _set_timeout(sock: Optional[socket.socket], deadline: float) -> None:
-    remaining = deadline - time.monotonic()
-    if remaining <= 0:
-        raise socket.timeout("deadline passed")
-    if sock is not None:
-        try:
-            sock.settimeout(remaining)
-        except OSError:
-            pass
 
 
 def _server_message(body: bytes) -> str:
@@ -638,22 +661,35 @@ def _parse_reply(body: bytes, chat: bool) -> _Reply:
         text = choice.get("text")
     if not isinstance(text, str):
         raise ValueError("the reply has no message content" if chat else "the reply has no text")
-    usage = data.get("usage") if isinstance(data.get("usage"), dict) else {}
-    return _Reply(text, choice.get("finish_reason"), int(usage.get("prompt_tokens") or 0),
-                  int(usage.get("completion_tokens") or 0))
+    recorded = data.get("usage")
+    usage: Dict[str, Any] = recorded if isinstance(recorded, dict) else {}
+    return _Reply(
+        text,
+        choice.get("finish_reason"),
+        int(usage.get("prompt_tokens") or 0),
+        int(usage.get("completion_tokens") or 0),
+    )
 
 
-def add_client_arguments(parser: argparse.ArgumentParser, required: bool = True,
-                         default_concurrency: int = 8) -> None:
+def add_client_arguments(parser: argparse.ArgumentParser, required: bool = True, default_concurrency: int = 8) -> None:
     """The endpoint flags shared by `align annotate` and `align rewrite`."""
     group = parser.add_argument_group("endpoint (OpenAI-compatible API: OpenAI, vLLM, TGI, megalign serve)")
-    group.add_argument("--base-url", nargs="+", required=required, metavar="URL",
-                       help="API base URL(s), e.g. http://127.0.0.1:8000/v1; requests are spread over all of them")
+    group.add_argument(
+        "--base-url",
+        nargs="+",
+        required=required,
+        metavar="URL",
+        help="API base URL(s), e.g. http://127.0.0.1:8000/v1; requests are spread over all of them",
+    )
     group.add_argument("--model", required=required, help="model name the endpoint serves")
-    group.add_argument("--api-key", default=None,
-                       help="API key (prefer --api-key-env: flags are visible to other users in ps)")
-    group.add_argument("--api-key-env", default="OPENAI_API_KEY",
-                       help="environment variable holding the API key (default: OPENAI_API_KEY)")
+    group.add_argument(
+        "--api-key", default=None, help="API key (prefer --api-key-env: flags are visible to other users in ps)"
+    )
+    group.add_argument(
+        "--api-key-env",
+        default="OPENAI_API_KEY",
+        help="environment variable holding the API key (default: OPENAI_API_KEY)",
+    )
     group.add_argument("--concurrency", type=int, default=default_concurrency, help="requests in flight at once")
     group.add_argument("--request-timeout", type=float, default=120.0, help="seconds per attempt")
     group.add_argument("--max-retries", type=int, default=5, help="retries per request after errors")
@@ -667,9 +703,18 @@ def add_client_arguments(parser: argparse.ArgumentParser, required: bool = True,
 def config_from_args(args: argparse.Namespace, **overrides: Any) -> ClientConfig:
     """A ClientConfig from the flags of `add_client_arguments` (overrides win)."""
     values: Dict[str, Any] = dict(
-        base_urls=args.base_url or [], model=args.model, api_key=args.api_key, api_key_env=args.api_key_env,
-        max_concurrency=args.concurrency, timeout=args.request_timeout, max_retries=args.max_retries,
-        requests_per_minute=args.requests_per_minute, tokens_per_minute=args.tokens_per_minute,
-        temperature=args.temperature, top_p=args.top_p, max_tokens=args.max_tokens)
+        base_urls=args.base_url or [],
+        model=args.model,
+        api_key=args.api_key,
+        api_key_env=args.api_key_env,
+        max_concurrency=args.concurrency,
+        timeout=args.request_timeout,
+        max_retries=args.max_retries,
+        requests_per_minute=args.requests_per_minute,
+        tokens_per_minute=args.tokens_per_minute,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        max_tokens=args.max_tokens,
+    )
     values.update(overrides)
     return ClientConfig(**values)

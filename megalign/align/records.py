@@ -9,6 +9,7 @@ Sharding (``--shard-index i --num-shards n``): input records are numbered 0, 1, 
 sorted by path) and record ``k`` belongs to shard ``k % n``, so the shards are balanced and every record
 belongs to exactly one of them whatever the file sizes.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -17,8 +18,16 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Dict, Iterator, List, Sequence
 
-from megalign.data.jsonl import (BadRecordStats, RecordProblem, bad_record_error, count_lines, expand_inputs,
-                                 is_blank, iter_lines, parse_record)
+from megalign.data.jsonl import (
+    BadRecordStats,
+    RecordProblem,
+    bad_record_error,
+    count_lines,
+    expand_inputs,
+    is_blank,
+    iter_lines,
+    parse_record,
+)
 from megalign.errors import BadRecordError, ConfigError, DataFormatError
 
 __all__ = ["MANIFEST_FILE", "Record", "StageInput", "check_shard_flags", "record_id", "text_id"]
@@ -47,7 +56,9 @@ def check_shard_flags(shard_index: int, num_shards: int) -> None:
     if isinstance(num_shards, bool) or not isinstance(num_shards, int) or num_shards < 1:
         raise ConfigError(f"--num-shards {num_shards!r} must be a positive integer")
     if isinstance(shard_index, bool) or not isinstance(shard_index, int) or not 0 <= shard_index < num_shards:
-        raise ConfigError(f"--shard-index {shard_index!r} must be in [0, {num_shards - 1}] for --num-shards {num_shards}")
+        raise ConfigError(
+            f"--shard-index {shard_index!r} must be in [0, {num_shards - 1}] for --num-shards {num_shards}"
+        )
 
 
 def _check_stage_directory(directory: str) -> None:
@@ -60,12 +71,15 @@ def _check_stage_directory(directory: str) -> None:
             manifest = json.load(handle)
         missing = manifest["missing_shards"]
     except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise DataFormatError(f"{path}: cannot read the stage manifest ({exc}); rerun the stage that wrote "
-                              f"{directory}") from None
+        raise DataFormatError(
+            f"{path}: cannot read the stage manifest ({exc}); rerun the stage that wrote {directory}"
+        ) from None
     if missing:
         listed = ", ".join(str(i) for i in missing[:8]) + (" ..." if len(missing) > 8 else "")
-        raise DataFormatError(f"{directory}: stage {manifest.get('stage')!r} has not finished shards {listed} of "
-                              f"{manifest.get('num_shards')}; run them (or rerun the stage) before reading it")
+        raise DataFormatError(
+            f"{directory}: stage {manifest.get('stage')!r} has not finished shards {listed} of "
+            f"{manifest.get('num_shards')}; run them (or rerun the stage) before reading it"
+        )
 
 
 @dataclass
@@ -122,7 +136,9 @@ class StageInput:
                 if self.duplicate_ids == "error":
                     first = seen.setdefault(rid, where)
                     if first != where:
-                        raise BadRecordError(f"{where}: id {rid!r} repeats the record at {first}; ids must be "
-                                             "unique (run `megalign align dedup` first, or fix the ids)")
+                        raise BadRecordError(
+                            f"{where}: id {rid!r} repeats the record at {first}; ids must be "
+                            "unique (run `megalign align dedup` first, or fix the ids)"
+                        )
                 record["id"] = rid
                 yield record

@@ -1,5 +1,6 @@
 """PNG figures of the quality report (matplotlib, drawn off-screen): overlaid histograms of the original
 and the aligned corpus, e.g. per-document perplexity on a log scale as in the paper's figure."""
+
 from __future__ import annotations
 
 import math
@@ -19,13 +20,21 @@ def _pyplot():
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        raise ConfigError("the report's PNG figures need matplotlib: pip install 'megalign[report]' (or pass "
-                          "--no-plots)") from None
+        raise ConfigError(
+            "the report's PNG figures need matplotlib: pip install 'megalign[report]' (or pass --no-plots)"
+        ) from None
     return plt
 
 
-def histogram_png(path: Path, original: Sequence[float], aligned: Sequence[float], title: str, xlabel: str,
-                  log_x: bool = False, bins: int = 40) -> Path:
+def histogram_png(
+    path: Path,
+    original: Sequence[float],
+    aligned: Sequence[float],
+    title: str,
+    xlabel: str,
+    log_x: bool = False,
+    bins: int = 40,
+) -> Path:
     """Write overlaid histograms of ``original`` and ``aligned`` values (with their medians) to ``path``."""
     plt = _pyplot()
     values = [v for v in list(original) + list(aligned) if v is not None and math.isfinite(v) and (v > 0 or not log_x)]

@@ -3,7 +3,8 @@
 Both take a lazy stream of :class:`PieceRequest` (one piece of one document, as chat messages) and call
 ``on_result`` with a :class:`PieceResult` for each, in any order, in the caller's thread.
 
-* :class:`LocalBackend` loads a megalign checkpoint and generates with the KV-cache
+* :class:`LocalBackend` loads a megalign checkpoint (or takes a model already loaded, e.g. from a Hugging Face
+  folder by the shared model flags) and generates with the KV-cache
   :class:`~megalign.inference.generation.Generator`, a window of pieces at a time (sorted by length inside
   the window, so batches hold similar lengths). Each piece may get at most
   ``ceil(max_new_tokens_ratio x its prompt tokens) + 16`` new tokens, and at most ``max_new_tokens`` when
@@ -11,14 +12,19 @@ Both take a lazy stream of :class:`PieceRequest` (one piece of one document, as 
 * :class:`ServerBackend` sends chat-completion requests through :class:`~megalign.align.openai_client.ChatClient`
   (bounded concurrency over one or more servers, retries with backoff, fatal errors stop the stage).
 """
+
 from __future__ import annotations
 
 import functools
 import itertools
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Dict, Iterable, List, Optional, Tuple, Union
 
 from megalign.align.openai_client import ChatClient, ClientConfig, CompletionRequest, CompletionResult
+
+if TYPE_CHECKING:
+    from megalign.inference.model_loading import LoadedModel
 
 __all__ = ["LocalBackend", "PieceRequest", "PieceResult", "ServerBackend"]
 
@@ -53,20 +59,43 @@ _REASONS = {"empty_reply": "empty"}
 
 
 class LocalBackend:
-    """Generates with a megalign checkpoint in this process (see the module doc)."""
+    """Generates in this process with ``load``: a megalign checkpoint directory (loaded as ``dtype`` on
+    ``device`` with the given tokenizer), or a LoadedModel (those options then do not apply)."""
 
-    def __init__(self, load: str, *, dtype: str = "fp32", device: str = "cpu", tokenizer_type: Optional[str] = None,
-                 tokenizer_model: Optional[str] = None, batch_size: int = 8, max_new_tokens_ratio: float = 1.5,
-                 max_new_tokens: Optional[int] = None, temperature: float = 0.0, top_p: float = 1.0, seed: Optional[int] = None, add_bos: bool = False,
-                 window: Optional[int] = None) -> None:
+    def __init__(
+        self,
+        load: Union[str, Path, "LoadedModel"],
+        *,
+        dtype: str = "fp32",
+        device: str = "cpu",
+        tokenizer_type: Optional[str] = None,
+        tokenizer_model: Optional[str] = None,
+        batch_size: int = 8,
+        max_new_tokens_ratio: float = 1.5,
+        max_new_tokens: Optional[int] = None,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        seed: Optional[int] = None,
+        add_bos: bool = False,
+        window: Optional[int] = None,
+    ) -> None:
         from megalign.inference.generation import GenerationParams
-        from megalign.inference.model_loading import load_model
+        from megalign.inference.model_loading import LoadedModel, load_model
 
-        self.loaded = load_model(load, dtype=dtype, device=device, tokenizer_type=tokenizer_type,
-                                 tokenizer_model=tokenizer_model)
+        if isinstance(load, LoadedModel):
+            self.loaded = load
+        else:
+            self.loaded = load_model(
+                load, dtype=dtype, device=device, tokenizer_type=tokenizer_type, tokenizer_model=tokenizer_model
+            )
         self.generator = self.loaded.generator(max_batch_size=batch_size, add_bos=add_bos)
-        self.params = GenerationParams(max_new_tokens=max_new_tokens, max_new_tokens_ratio=max_new_tokens_ratio,
-                                       temperature=temperature, top_p=1.0 if top_p is None else top_p, seed=seed)
+        self.params = GenerationParams(
+            max_new_tokens=max_new_tokens,
+            max_new_tokens_ratio=max_new_tokens_ratio,
+            temperature=temperature,
+            top_p=1.0 if top_p is None else top_p,
+            seed=seed,
+        )
         self.window = window or 4 * batch_size
         self.name = str(self.loaded.path.parent if self.loaded.path.name.startswith("iter_") else self.loaded.path)
 
@@ -79,10 +108,12 @@ class LocalBackend:
 
         overhead = len(self.generator.encode(chat_prompt(self.loaded.tokenizer, empty_prompt_messages)))
         budget = self.generator.max_length - overhead - self.params.ratio_slack
-        return max(1, int(budget / (1.0 + self.params.max_new_tokens_ratio)) - 1)
+        ratio = self.params.max_new_tokens_ratio or 0.0  # no ratio: the rewrite may use the whole budget
+        return max(1, int(budget / (1.0 + ratio)) - 1)
 
-    def run(self, requests: Iterable[PieceRequest], on_result: OnResult,
-            validator: Optional[PieceValidator] = None) -> Dict[str, Any]:
+    def run(
+        self, requests: Iterable[PieceRequest], on_result: OnResult, validator: Optional[PieceValidator] = None
+    ) -> Dict[str, Any]:
         """Generate every request; ``validator`` is not used (asking again gives the same greedy rewrite)."""
         from megalign.inference.generation import PromptTooLongError, chat_prompt
 
@@ -98,15 +129,22 @@ class LocalBackend:
             except PromptTooLongError as exc:  # should not happen (pieces are sized to fit): fail that piece only
                 bad = window[exc.index]
                 on_result(PieceResult(bad.key, None, reason="too_long", message=str(exc)))
-                rest = window[:exc.index] + window[exc.index + 1:]
+                rest = window[: exc.index] + window[exc.index + 1 :]
                 source = itertools.chain(rest, source)
                 continue
             for request, result in zip(window, results):
                 totals["pieces"] += 1
                 totals["prompt_tokens"] += result.prompt_tokens
                 totals["completion_tokens"] += result.completion_tokens
-                on_result(PieceResult(request.key, result.text, result.finish_reason,
-                                      prompt_tokens=result.prompt_tokens, completion_tokens=result.completion_tokens))
+                on_result(
+                    PieceResult(
+                        request.key,
+                        result.text,
+                        result.finish_reason,
+                        prompt_tokens=result.prompt_tokens,
+                        completion_tokens=result.completion_tokens,
+                    )
+                )
 
 
 class ServerBackend:
@@ -116,9 +154,11 @@ class ServerBackend:
         self.config = config
         self.name = config.model
 
-    def run(self, requests: Iterable[PieceRequest], on_result: OnResult,
-            validator: Optional[PieceValidator] = None) -> Dict[str, Any]:
+    def run(
+        self, requests: Iterable[PieceRequest], on_result: OnResult, validator: Optional[PieceValidator] = None
+    ) -> Dict[str, Any]:
         """Send every request; a reply failing ``validator(key, text)`` is asked for again (retry_invalid)."""
+
         def completion_requests() -> Iterable[CompletionRequest]:
             for request in requests:
                 check = None
@@ -129,12 +169,20 @@ class ServerBackend:
         def finished(result: CompletionResult) -> None:
             reason = None
             if not result.ok:  # the validator's own reason (e.g. lost_numbers) rather than "invalid_reply"
-                reason = _REASONS.get(result.reason, result.reason)
+                reason = _REASONS.get(result.reason or "", result.reason)
                 if result.reason == "invalid_reply" and result.detail:
                     reason = result.detail
-            on_result(PieceResult(result.key, result.text if result.ok else None, result.finish_reason, reason,
-                                  result.message, result.prompt_tokens, result.completion_tokens))
+            on_result(
+                PieceResult(
+                    result.key,
+                    result.text if result.ok else None,
+                    result.finish_reason,
+                    reason,
+                    result.message,
+                    result.prompt_tokens,
+                    result.completion_tokens,
+                )
+            )
 
         with ChatClient(self.config) as client:
             return client.run_many(completion_requests(), finished, progress="rewrite: requests")
-

@@ -15,6 +15,7 @@ template, so it answers both the annotate and the rewrite prompts.
     with RuleBasedExpertServer() as server:   # server.base_url -> http://127.0.0.1:PORT/v1
         run_annotate(..., ClientConfig(base_urls=[server.base_url], model=server.model_name, ...))
 """
+
 from __future__ import annotations
 
 import re
@@ -52,8 +53,10 @@ class RuleBasedExpert:
         self.spam = {code: ts.load_lexicon(code, lexicon_dir).spam for code in self.guidelines.languages}
         self.templates: List[Tuple[str, str, str]] = []  # (language, prefix, suffix) of each user template
         for code in self.guidelines.languages:
-            for messages in (self.guidelines.expert_messages(_SENTINEL, code),
-                             self.guidelines.worker_messages(_SENTINEL, code)):
+            for messages in (
+                self.guidelines.expert_messages(_SENTINEL, code),
+                self.guidelines.worker_messages(_SENTINEL, code),
+            ):
                 prefix, _, suffix = messages[-1]["content"].partition(_SENTINEL)
                 self.templates.append((code, prefix, suffix))
         self.templates.sort(key=lambda item: -len(item[1]) - len(item[2]))  # most specific first
@@ -62,7 +65,7 @@ class RuleBasedExpert:
         """(language, document) of a user message made from a guideline template (else the whole message)."""
         for code, prefix, suffix in self.templates:
             if message.startswith(prefix) and message.endswith(suffix) and len(message) >= len(prefix) + len(suffix):
-                return code, message[len(prefix):len(message) - len(suffix)]
+                return code, message[len(prefix) : len(message) - len(suffix)]
         return self.guidelines.detect_language(message), message
 
     def reply(self, messages: Sequence[Dict[str, str]]) -> str:
@@ -72,8 +75,13 @@ class RuleBasedExpert:
 
     @staticmethod
     def _completion(prompt: str, text: str) -> Completion:
-        return Completion(text=text, token_ids=[], finish_reason="stop", prompt_tokens=len(ts.words(prompt)),
-                          completion_tokens=len(ts.words(text)))
+        return Completion(
+            text=text,
+            token_ids=[],
+            finish_reason="stop",
+            prompt_tokens=len(ts.words(prompt)),
+            completion_tokens=len(ts.words(text)),
+        )
 
     def chat(self, conversations: Sequence[List[Dict[str, str]]], params: GenerationParams) -> List[Completion]:
         """The server's chat entry point (``params`` are ignored: the rules are deterministic)."""
@@ -87,6 +95,12 @@ class RuleBasedExpert:
 class RuleBasedExpertServer(ModelServer):
     """:class:`RuleBasedExpert` behind the OpenAI-compatible server (127.0.0.1, a free port by default)."""
 
-    def __init__(self, host: str = "127.0.0.1", port: int = 0, model_name: str = "rule-based-expert",
-                 guidelines: Optional[Guidelines] = None, **options: Any) -> None:
+    def __init__(
+        self,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        model_name: str = "rule-based-expert",
+        guidelines: Optional[Guidelines] = None,
+        **options: Any,
+    ) -> None:
         super().__init__(RuleBasedExpert(guidelines, **options), model_name, host, port)

@@ -2,7 +2,7 @@
 
 Strategies (the paper compared seeds of high, low and random perplexity):
   random          N documents chosen uniformly at random
-  ppl-high        the N documents with the highest perplexity under a reference checkpoint (--load)
+  ppl-high        the N documents with the highest perplexity under a reference model (--load or --hf-dir)
   ppl-low         the N with the lowest perplexity
   ppl-stratified  one document from each of N equal-sized perplexity strata (the whole range, evenly)
 
@@ -11,7 +11,10 @@ so the choice does not depend on file order or sharding, and a rerun chooses the
 perplexity strategies score the ``--candidates`` documents with the smallest hashes (default: all of
 them); scores are journaled in OUTPUT/scores/ so an interrupted run does not score a document twice.
 The chosen records keep all their fields and get ``seed_strategy`` (and ``perplexity``), in input order.
+The reference model takes the shared model flags (megalign/inference/model_flags.py): ``--device cuda
+--dtype bf16`` scores on a GPU in bf16.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -26,6 +29,7 @@ from megalign.align.cli import add_io_arguments
 from megalign.align.records import StageInput
 from megalign.align.stage_output import ShardOutput
 from megalign.errors import ConfigError
+from megalign.inference.model_flags import MODEL_FLAGS, add_model_arguments, load_model_from_args, model_label
 from megalign.utils.progress import ProgressMeter
 
 __all__ = ["STRATEGIES", "hash_rank", "run_seed", "select_by_perplexity"]
@@ -33,7 +37,9 @@ __all__ = ["STRATEGIES", "hash_rank", "run_seed", "select_by_perplexity"]
 EXAMPLES = """examples:
   megalign align seed --input work/unique --output work/seed --num 1000 --strategy random --seed 7
   megalign align seed --input work/unique --output work/seed_hi --num 1000 --strategy ppl-high \\
-      --load ckpt/llama3-8b --candidates 50000
+      --load ckpt/llama3-8b --candidates 50000 --device cuda --dtype bf16
+  megalign align seed --input work/unique --output work/seed_lo --num 1000 --strategy ppl-low \\
+      --hf-dir Meta-Llama-3-8B --device cuda --dtype bf16 --batch-size 16
 """
 
 STRATEGIES = ("random", "ppl-high", "ppl-low", "ppl-stratified")
@@ -45,12 +51,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--num", type=int, required=True, help="number of seed documents to choose")
     parser.add_argument("--strategy", choices=STRATEGIES, default="random", help="how to choose (default random)")
     parser.add_argument("--seed", type=int, default=1234, help="random seed of the hash ranking (default 1234)")
-    parser.add_argument("--candidates", type=int, default=None,
-                        help="perplexity strategies: score only this many randomly chosen documents (default all)")
-    parser.add_argument("--load", default=None, help="reference megalign checkpoint for the perplexity strategies")
-    parser.add_argument("--tokenizer-type", default=None, help="tokenizer of --load (default: from the checkpoint)")
-    parser.add_argument("--tokenizer-model", default=None, help="tokenizer model file or folder of --load")
-    parser.add_argument("--batch-size", type=int, default=8, help="documents per scoring batch (default 8)")
+    parser.add_argument(
+        "--candidates",
+        type=int,
+        default=None,
+        help="perplexity strategies: score only this many randomly chosen documents (default all)",
+    )
+    add_model_arguments(
+        parser,
+        title="reference model of the perplexity strategies (--load or --hf-dir)",
+        batch_size_help="documents per scoring batch",
+    )
 
 
 def hash_rank(seed: int, rid: str) -> int:
@@ -84,13 +95,14 @@ def select_by_perplexity(scores: Dict[str, float], num: int, strategy: str, seed
     num = min(num, len(ordered))
     chosen = []
     for stratum in range(num):  # stratum k covers ordered[k*L/num : (k+1)*L/num]
-        members = ordered[stratum * len(ordered) // num:(stratum + 1) * len(ordered) // num]
+        members = ordered[stratum * len(ordered) // num : (stratum + 1) * len(ordered) // num]
         chosen.append(min(members, key=lambda rid: hash_rank(seed, rid)))
     return chosen
 
 
-def _score_candidates(records: StageInput, candidates: Set[str], scorer: Scorer, scores_dir: Path,
-                      settings: dict, batch_size: int) -> Dict[str, float]:
+def _score_candidates(
+    records: StageInput, candidates: Set[str], scorer: Scorer, scores_dir: Path, settings: dict, batch_size: int
+) -> Dict[str, float]:
     """Perplexity of every candidate, journaled in ``scores_dir`` (resumable)."""
     with ShardOutput(scores_dir, "seed-scores", settings=settings) as journal:
         meter = ProgressMeter("seed: scoring", total=len(candidates) - len(journal.done_ids), unit="docs")
@@ -121,22 +133,34 @@ def _score_candidates(records: StageInput, candidates: Set[str], scorer: Scorer,
     return scores
 
 
-def run_seed(inputs: Sequence[str], output: str, num: int, strategy: str = "random", seed: int = 1234,
-             candidates: Optional[int] = None, scorer: Optional[Scorer] = None, skip_bad_records: bool = False,
-             batch_size: int = 8, settings: Optional[dict] = None) -> dict:
+def run_seed(
+    inputs: Sequence[str],
+    output: str,
+    num: int,
+    strategy: str = "random",
+    seed: int = 1234,
+    candidates: Optional[int] = None,
+    scorer: Optional[Scorer] = None,
+    skip_bad_records: bool = False,
+    batch_size: int = 8,
+    settings: Optional[dict] = None,
+) -> dict:
     """Choose ``num`` seed documents from ``inputs`` into ``output``; returns the shard summary."""
     if isinstance(num, bool) or not isinstance(num, int) or num < 1:
         raise ConfigError(f"--num {num!r} must be a positive integer")
     if strategy not in STRATEGIES:
         raise ConfigError(f"--strategy {strategy!r}: choose one of {', '.join(STRATEGIES)}")
     if strategy != "random" and scorer is None:
-        raise ConfigError(f"--strategy {strategy} scores documents: pass --load CHECKPOINT (a reference model)")
+        raise ConfigError(
+            f"--strategy {strategy} scores documents: pass --load CHECKPOINT (a reference model) or --hf-dir DIR"
+        )
     settings = {"strategy": strategy, "num": num, "seed": seed, "candidates": candidates, **(settings or {})}
     records = StageInput(list(inputs), skip_bad_records=skip_bad_records)
     scores: Dict[str, float] = {}
     if strategy == "random":
         chosen = _smallest_ranks(records, seed, num)
     else:
+        assert scorer is not None  # checked above: every other strategy scores
         pool = _smallest_ranks(records, seed, candidates)
         scores = _score_candidates(records, pool, scorer, Path(output) / "scores", settings, batch_size)
         chosen = set(select_by_perplexity(scores, num, strategy, seed))
@@ -147,22 +171,42 @@ def run_seed(inputs: Sequence[str], output: str, num: int, strategy: str = "rand
                 if record["id"] in scores:
                     record["perplexity"] = scores[record["id"]]
                 out.write(record)
-        summary = out.finish({"available": len(scores) if scores else None, "chosen": len(chosen),
-                              "bad_records": records.stats.to_dict()})
+        summary = out.finish(
+            {
+                "available": len(scores) if scores else None,
+                "chosen": len(chosen),
+                "bad_records": records.stats.to_dict(),
+            }
+        )
     return summary
 
 
 def main(args: argparse.Namespace) -> int:
     scorer = None
     extra = {}
+    label = model_label(args)
     if args.strategy != "random":
-        if not args.load:
-            raise ConfigError(f"--strategy {args.strategy} scores documents: pass --load CHECKPOINT")
-        from megalign.inference.scoring import checkpoint_scorer
+        if label is None:
+            raise ConfigError(f"--strategy {args.strategy} scores documents: pass {MODEL_FLAGS}")
+        from megalign.inference.model_loading import perplexity_function
 
-        scorer = checkpoint_scorer(args.load, args.tokenizer_type, args.tokenizer_model, args.batch_size)
-        extra = {"load": str(Path(args.load).resolve())}
-    summary = run_seed(args.input, args.output, args.num, args.strategy, args.seed, args.candidates, scorer,
-                       args.skip_bad_records, args.batch_size, extra)
+        loaded = load_model_from_args(args)
+        scorer = perplexity_function(loaded, args.batch_size)
+        # what determines the journaled scores: a rerun with another model or dtype is refused
+        extra = {"load" if args.load else "hf_dir": str(Path(label).resolve()), "dtype": args.dtype}
+        if args.ckpt_step is not None:
+            extra["ckpt_step"] = args.ckpt_step
+    summary = run_seed(
+        args.input,
+        args.output,
+        args.num,
+        args.strategy,
+        args.seed,
+        args.candidates,
+        scorer,
+        args.skip_bad_records,
+        args.batch_size,
+        extra,
+    )
     print(f"seed: chose {summary['records']} documents ({args.strategy}) -> {args.output}")
     return 0

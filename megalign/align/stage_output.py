@@ -13,6 +13,7 @@ written with a single ``write`` and flushed, so a crash (even SIGKILL) loses at 
 on restart a torn last line is cut off and the records already there are skipped. The file is fsynced
 every few seconds and when the shard finishes, so a power loss also loses only the last seconds of work.
 """
+
 from __future__ import annotations
 
 import fcntl
@@ -62,8 +63,14 @@ class ShardOutput:
     :meth:`finish` at the end (an exception leaves the ``.partial`` file for the next run to resume).
     """
 
-    def __init__(self, directory: PathLike, stage: str, shard_index: int = 0, num_shards: int = 1,
-                 settings: Optional[Mapping[str, Any]] = None) -> None:
+    def __init__(
+        self,
+        directory: PathLike,
+        stage: str,
+        shard_index: int = 0,
+        num_shards: int = 1,
+        settings: Optional[Mapping[str, Any]] = None,
+    ) -> None:
         check_shard_flags(shard_index, num_shards)
         self.directory, self.stage = Path(directory), stage
         self.shard_index, self.num_shards = shard_index, num_shards
@@ -109,14 +116,21 @@ class ShardOutput:
         if manifest_path.exists():
             manifest = read_manifest(self.directory)
             if manifest.get("stage") != self.stage or manifest.get("num_shards") != self.num_shards:
-                raise ConfigError(f"--output {self.directory}: holds the output of stage {manifest.get('stage')!r} "
-                                  f"with {manifest.get('num_shards')} shards; this run is stage {self.stage!r} with "
-                                  f"--num-shards {self.num_shards}: choose a new --output directory")
-        others = sorted(p.name for p in self.directory.glob("part-*") if (m := _PART_RE.match(p.name))
-                        and int(m.group(2)) != self.num_shards)
+                raise ConfigError(
+                    f"--output {self.directory}: holds the output of stage {manifest.get('stage')!r} "
+                    f"with {manifest.get('num_shards')} shards; this run is stage {self.stage!r} with "
+                    f"--num-shards {self.num_shards}: choose a new --output directory"
+                )
+        others = sorted(
+            p.name
+            for p in self.directory.glob("part-*")
+            if (m := _PART_RE.match(p.name)) and int(m.group(2)) != self.num_shards
+        )
         if others:
-            raise ConfigError(f"--output {self.directory}: holds {others[0]}, written with another --num-shards; "
-                              "choose a new --output directory")
+            raise ConfigError(
+                f"--output {self.directory}: holds {others[0]}, written with another --num-shards; "
+                "choose a new --output directory"
+            )
 
     def _check_settings(self) -> None:
         settings = json.loads(json.dumps(self.settings))  # as it reads back (tuples become lists)
@@ -127,9 +141,11 @@ class ShardOutput:
                 raise DataFormatError(f"{self.settings_path}: cannot read: {exc}") from None
             changed = _differences(old, settings)
             if changed:
-                raise ConfigError(f"{self.settings_path}: this shard was started with other settings "
-                                  f"({'; '.join(changed[:4])}); rerun with the same settings to resume, or choose "
-                                  "a new --output directory")
+                raise ConfigError(
+                    f"{self.settings_path}: this shard was started with other settings "
+                    f"({'; '.join(changed[:4])}); rerun with the same settings to resume, or choose "
+                    "a new --output directory"
+                )
         else:
             write_json_atomic(self.settings_path, settings)
 
@@ -146,11 +162,15 @@ class ShardOutput:
                     record = json.loads(raw)
                     rid = record["id"]
                 except (ValueError, KeyError, TypeError) as exc:
-                    raise DataFormatError(f"{path}:{line_number}: not a record this stage wrote ({exc}); the output "
-                                          "directory was modified: restore it or choose a new --output") from None
+                    raise DataFormatError(
+                        f"{path}:{line_number}: not a record this stage wrote ({exc}); the output "
+                        "directory was modified: restore it or choose a new --output"
+                    ) from None
                 if rid in self.done_ids:
-                    raise DataFormatError(f"{path}:{line_number}: id {rid!r} is written twice; the output directory "
-                                          "was modified: restore it or choose a new --output")
+                    raise DataFormatError(
+                        f"{path}:{line_number}: id {rid!r} is written twice; the output directory "
+                        "was modified: restore it or choose a new --output"
+                    )
                 self.done_ids.add(rid)
                 status = record.get("status")
                 if isinstance(status, str):
@@ -191,9 +211,16 @@ class ShardOutput:
         with self._lock:
             if self._close_handle():
                 os.replace(self.partial_path, self.final_path)
-        record = {"stage": self.stage, "shard_index": self.shard_index, "num_shards": self.num_shards,
-                  "file": self.final_path.name, "records": len(self.done_ids), "statuses": dict(self.statuses),
-                  "finished_at": time.time(), "summary": dict(summary or {})}
+        record = {
+            "stage": self.stage,
+            "shard_index": self.shard_index,
+            "num_shards": self.num_shards,
+            "file": self.final_path.name,
+            "records": len(self.done_ids),
+            "statuses": dict(self.statuses),
+            "finished_at": time.time(),
+            "summary": dict(summary or {}),
+        }
         if not self.already_finished or not self.summary_path.exists():
             write_json_atomic(self.summary_path, record)
         self.update_manifest()
@@ -230,11 +257,19 @@ class ShardOutput:
                 for shard in shards.values():
                     for status, count in shard.get("statuses", {}).items():
                         statuses[status] = statuses.get(status, 0) + count
-                write_json_atomic(self.directory / MANIFEST_FILE, {
-                    "stage": self.stage, "num_shards": self.num_shards, "settings": self.settings,
-                    "finished_shards": sorted(int(i) for i in shards), "missing_shards": missing,
-                    "records": sum(s.get("records", 0) for s in shards.values()), "statuses": statuses,
-                    "files": [s["file"] for _, s in sorted(shards.items(), key=lambda kv: int(kv[0]))],
-                    "shards": shards})
+                write_json_atomic(
+                    self.directory / MANIFEST_FILE,
+                    {
+                        "stage": self.stage,
+                        "num_shards": self.num_shards,
+                        "settings": self.settings,
+                        "finished_shards": sorted(int(i) for i in shards),
+                        "missing_shards": missing,
+                        "records": sum(s.get("records", 0) for s in shards.values()),
+                        "statuses": statuses,
+                        "files": [s["file"] for _, s in sorted(shards.items(), key=lambda kv: int(kv[0]))],
+                        "shards": shards,
+                    },
+                )
             finally:
                 fcntl.flock(lock, fcntl.LOCK_UN)

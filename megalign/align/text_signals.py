@@ -15,6 +15,7 @@ entity cues, toxicity terms) are not hard-coded: they live in one YAML lexicon p
 * reply hygiene: :func:`find_spam_markers`, :func:`find_meta_text`, :func:`find_refusal`,
   :func:`ends_sentence`.
 """
+
 from __future__ import annotations
 
 import functools
@@ -44,16 +45,35 @@ SCRIPT_RANGES: Dict[str, Tuple[Tuple[int, int], ...]] = {
 SCRIPTS = tuple(SCRIPT_RANGES)
 #: Scripts of common languages (ISO 639-1 codes), for callers that are given a language but no script.
 DEFAULT_LANGUAGE_SCRIPTS = {
-    "ar": "arabic", "fa": "arabic", "ur": "arabic", "en": "latin", "fr": "latin", "de": "latin",
-    "es": "latin", "it": "latin", "pt": "latin", "nl": "latin", "tr": "latin", "id": "latin", "ms": "latin",
-    "ru": "cyrillic", "uk": "cyrillic", "el": "greek", "he": "hebrew", "hi": "devanagari",
-    "zh": "cjk", "ja": "cjk", "ko": "cjk",
+    "ar": "arabic",
+    "fa": "arabic",
+    "ur": "arabic",
+    "en": "latin",
+    "fr": "latin",
+    "de": "latin",
+    "es": "latin",
+    "it": "latin",
+    "pt": "latin",
+    "nl": "latin",
+    "tr": "latin",
+    "id": "latin",
+    "ms": "latin",
+    "ru": "cyrillic",
+    "uk": "cyrillic",
+    "el": "greek",
+    "he": "hebrew",
+    "hi": "devanagari",
+    "zh": "cjk",
+    "ja": "cjk",
+    "ko": "cjk",
 }
 
 
 _LETTERS = re.compile(r"[^\W\d_]+")
-_SCRIPT_CLASSES = {name: re.compile("[" + "".join(f"\\U{low:08x}-\\U{high:08x}" for low, high in ranges) + "]")
-                   for name, ranges in SCRIPT_RANGES.items()}
+_SCRIPT_CLASSES = {
+    name: re.compile("[" + "".join(f"\\U{low:08x}-\\U{high:08x}" for low, high in ranges) + "]")
+    for name, ranges in SCRIPT_RANGES.items()
+}
 
 
 def script_shares(text: str) -> Dict[str, float]:
@@ -104,14 +124,18 @@ def detect_language(text: str, languages: Mapping[str, str], default: Optional[s
 
 
 # ---- normalisation ---------------------------------------------------------------------------------------
-_ARABIC_DIACRITICS = re.compile("[\u0610-\u061A\u064B-\u065F\u0670\u06D6-\u06DC\u06DF-\u06E8\u06EA-\u06ED]")
+_ARABIC_DIACRITICS = re.compile("[\u0610-\u061a\u064b-\u065f\u0670\u06d6-\u06dc\u06df-\u06e8\u06ea-\u06ed]")
 _TATWEEL = "\u0640"
 # (variant, replacement); applied with str.replace, which is ~30x faster than str.translate on long text
 _ARABIC_LETTER_MAP = (
-    ("\u0623", "\u0627"), ("\u0625", "\u0627"), ("\u0622", "\u0627"), ("\u0671", "\u0627"),  # أ إ آ ٱ -> ا
-    ("\u0649", "\u064A"), ("\u06CC", "\u064A"),  # ى ی -> ي
+    ("\u0623", "\u0627"),
+    ("\u0625", "\u0627"),
+    ("\u0622", "\u0627"),
+    ("\u0671", "\u0627"),  # أ إ آ ٱ -> ا
+    ("\u0649", "\u064a"),
+    ("\u06cc", "\u064a"),  # ى ی -> ي
     ("\u0629", "\u0647"),  # ة -> ه
-    ("\u06A9", "\u0643"),  # Persian keheh ک -> ك
+    ("\u06a9", "\u0643"),  # Persian keheh ک -> ك
 )
 _NON_ASCII_DIGIT = re.compile(r"(?![0-9])\d")
 _SPACES = re.compile(r"\s+")
@@ -174,8 +198,10 @@ class Span:
     text: str
 
 
-_TLDS = ("com|org|net|edu|gov|info|biz|io|co|me|ly|tv|ai|app|sa|ae|eg|qa|kw|bh|om|jo|ma|dz|tn|lb|iq|sy|ps|"
-         "sd|ye|uk|us|de|fr|es|it|nl|ru|tr|in|cn|jp")
+_TLDS = (
+    "com|org|net|edu|gov|info|biz|io|co|me|ly|tv|ai|app|sa|ae|eg|qa|kw|bh|om|jo|ma|dz|tn|lb|iq|sy|ps|"
+    "sd|ye|uk|us|de|fr|es|it|nl|ru|tr|in|cn|jp"
+)
 _URL = re.compile(
     r"(?:(?:https?|ftp)://|www\.)[^\s<>\"'()\[\]{}،]+"
     rf"|(?<![\w@.-])[A-Za-z0-9][A-Za-z0-9-]*(?:\.[A-Za-z0-9-]+)*\.(?:{_TLDS})\b(?:/[^\s<>\"'()\[\]{{}}،]*)?",
@@ -253,7 +279,7 @@ def find_phone_numbers(text: str) -> List[Span]:
         elif len(found) < 80:
             inner = _phone_within(found)
             if inner is not None:
-                spans.append(Span("phone", start + inner[0], start + inner[1], found[inner[0]:inner[1]]))
+                spans.append(Span("phone", start + inner[0], start + inner[1], found[inner[0] : inner[1]]))
     return spans
 
 
@@ -271,7 +297,7 @@ def mask_contacts(text: str, replacement: str = " ") -> str:
     """`text` with every contact span (find_contacts) replaced by `replacement`."""
     pieces, done = [], 0
     for span in find_contacts(text):
-        pieces += [text[done:span.start], replacement]
+        pieces += [text[done : span.start], replacement]
         done = span.end
     pieces.append(text[done:])
     return "".join(pieces)
@@ -287,9 +313,9 @@ def canonical_number(token: str) -> str:
     """One number as a comparable string: ASCII digits, no thousands separators, "." decimal point,
     no leading zeros in the integer part, no trailing zeros in the fraction ("٠٧" -> "7", "2,024.50" -> "2024.5")."""
     ascii_form = normalize_digits(token)
-    for separator in (",", "\u066C", "\u202F", "\u00A0"):
+    for separator in (",", "\u066c", "\u202f", "\u00a0"):
         ascii_form = ascii_form.replace(separator, "")
-    integer, _, fraction = ascii_form.replace("\u066B", ".").partition(".")
+    integer, _, fraction = ascii_form.replace("\u066b", ".").partition(".")
     integer = integer.lstrip("0") or "0"
     fraction = fraction.rstrip("0")
     return f"{integer}.{fraction}" if fraction else integer
@@ -333,7 +359,7 @@ class Lexicon:
         forms = [token]
         for prefix, replacement in self.prefixes:
             if token.startswith(prefix) and len(token) - len(prefix) >= 2:
-                form = replacement + token[len(prefix):]
+                form = replacement + token[len(prefix) :]
                 if form not in forms:
                     forms.append(form)
         return forms
@@ -346,7 +372,11 @@ def _string_list(value: object, where: str) -> Tuple[str, ...]:
         raise ConfigError(f"{where}: expected a list of strings, got {type(value).__name__}")
     for index, item in enumerate(value):
         if not isinstance(item, str) or not item.strip():
-            hint = " (quote words YAML reads as booleans or numbers: 'on', 'no', '10')" if not isinstance(item, str) else ""
+            hint = (
+                " (quote words YAML reads as booleans or numbers: 'on', 'no', '10')"
+                if not isinstance(item, str)
+                else ""
+            )
             raise ConfigError(f"{where}[{index}]: expected a non-empty string, got {item!r}{hint}")
     return tuple(value)
 
@@ -371,8 +401,9 @@ def _prefix_rules(items: Sequence[str]) -> Tuple[Tuple[str, str], ...]:
 def parse_lexicon(data: object, source: str, language: Optional[str] = None) -> Lexicon:
     """A Lexicon from parsed YAML; ConfigError naming `source` and the field when the layout is wrong."""
     if not isinstance(data, dict):
-        raise ConfigError(f"{source}: expected a mapping with 'language', 'toxicity', 'spam', ..., "
-                          f"got {type(data).__name__}")
+        raise ConfigError(
+            f"{source}: expected a mapping with 'language', 'toxicity', 'spam', ..., got {type(data).__name__}"
+        )
     known = {"language", "toxicity", *_LEXICON_LISTS}
     unknown = sorted(str(key) for key in data if key not in known)
     if unknown:
@@ -386,20 +417,24 @@ def parse_lexicon(data: object, source: str, language: Optional[str] = None) -> 
     toxicity_data = data.get("toxicity") or {}
     if not isinstance(toxicity_data, dict):
         raise ConfigError(f"{source}: field 'toxicity' must map category names to lists of terms")
-    toxicity = {str(category): _string_list(terms, f"{source}: field 'toxicity.{category}'")
-                for category, terms in toxicity_data.items()}
+    toxicity = {
+        str(category): _string_list(terms, f"{source}: field 'toxicity.{category}'")
+        for category, terms in toxicity_data.items()
+    }
 
     def norm(items: Iterable[str]) -> Tuple[str, ...]:
         return tuple(normalize_for_match(item) for item in items)
 
     return Lexicon(
-        language=code, source=source,
+        language=code,
+        source=source,
         prefixes=_prefix_rules(lists["prefixes"]),
         toxicity={category: norm(terms) for category, terms in toxicity.items()},
         spam=norm(lists["spam"]),
         meta_text=tuple(map(normalize_pattern, lists["meta_text"])),
         refusal=tuple(map(normalize_pattern, lists["refusal"])),
-        entity_cues=norm(lists["entity_cues"]), entity_connectors=norm(lists["entity_connectors"]),
+        entity_cues=norm(lists["entity_cues"]),
+        entity_connectors=norm(lists["entity_connectors"]),
         stopwords=norm(lists["stopwords"]),
     )
 
@@ -454,7 +489,7 @@ def find_spam_markers(text: str, markers: Sequence[str]) -> List[str]:
         key = _WORD.findall(marker)
         if key:
             size = len(key)
-            found += [marker] * sum(tokens[i:i + size] == key for i in range(len(tokens) - size + 1))
+            found += [marker] * sum(tokens[i : i + size] == key for i in range(len(tokens) - size + 1))
     return found
 
 
@@ -558,7 +593,7 @@ def extract_entities(text: str, lexicon: Optional[Lexicon] = None) -> List[str]:
                 add(first, index)
             run_start = -1
         if norm and any(form in cues for form in lexicon.strip_prefixes(norm)):
-            first = index + 2 if tokens[index + 1:index + 2] == ["."] else index + 1
+            first = index + 2 if tokens[index + 1 : index + 2] == ["."] else index + 1
             end = first
             while end < min(first + 4, len(tokens)) and norms[end] and norms[end] not in stop:
                 if end - first >= 2 and norms[end - 1] not in connectors:

@@ -20,17 +20,23 @@ per 1000 words; it is ``flagged`` when any category reaches ``flag_per_1000`` (a
 Any classifier plugs in instead: ``ClassifierScorer(fn)`` wraps a callable text -> {category: score in
 [0, 1]} and flags a document when a score reaches its threshold. Both satisfy the ToxicityScorer protocol.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Callable, Dict, Iterable, List, Mapping, Optional, Protocol, Sequence, Tuple
 
-
 from megalign.align import text_signals as ts
 from megalign.errors import ConfigError
 
-__all__ = ["CATEGORIES", "ClassifierScorer", "LexiconToxicityScorer", "ToxicityScore", "ToxicityScorer",
-           "aggregate_scores"]
+__all__ = [
+    "CATEGORIES",
+    "ClassifierScorer",
+    "LexiconToxicityScorer",
+    "ToxicityScore",
+    "ToxicityScorer",
+    "aggregate_scores",
+]
 
 #: The categories of the packaged lexicons (a user lexicon may define others).
 CATEGORIES = ("hate", "harassment", "sexual", "violence", "profanity")
@@ -49,8 +55,7 @@ class ToxicityScore:
 class ToxicityScorer(Protocol):
     """Anything that scores one document; `language` may be None (the scorer decides)."""
 
-    def score(self, text: str, language: Optional[str] = None) -> ToxicityScore:
-        ...
+    def score(self, text: str, language: Optional[str] = None) -> ToxicityScore: ...
 
 
 @dataclass(frozen=True)
@@ -76,8 +81,12 @@ def _compile(lexicon: ts.Lexicon) -> _CompiledLexicon:
                 stems.append((parts[0], category))
             else:
                 single.setdefault(parts[0], []).append(category)
-    return _CompiledLexicon(lexicon, {word: tuple(dict.fromkeys(cats)) for word, cats in single.items()},
-                            tuple(stems), {word: tuple(items) for word, items in phrases.items()})
+    return _CompiledLexicon(
+        lexicon,
+        {word: tuple(dict.fromkeys(cats)) for word, cats in single.items()},
+        tuple(stems),
+        {word: tuple(items) for word, items in phrases.items()},
+    )
 
 
 class LexiconToxicityScorer:
@@ -89,12 +98,19 @@ class LexiconToxicityScorer:
     precedence over the packaged ones. scripts: language -> script for detection (default: common ones).
     """
 
-    def __init__(self, languages: Optional[Sequence[str]] = None, lexicon_dir: Optional[str] = None,
-                 flag_per_1000: float = 5.0, min_matches: int = 1,
-                 scripts: Optional[Mapping[str, str]] = None,
-                 lexicons: Optional[Sequence[ts.Lexicon]] = None) -> None:
+    def __init__(
+        self,
+        languages: Optional[Sequence[str]] = None,
+        lexicon_dir: Optional[str] = None,
+        flag_per_1000: float = 5.0,
+        min_matches: int = 1,
+        scripts: Optional[Mapping[str, str]] = None,
+        lexicons: Optional[Sequence[ts.Lexicon]] = None,
+    ) -> None:
         if flag_per_1000 <= 0 or min_matches < 1:
-            raise ConfigError(f"toxicity: flag_per_1000 ({flag_per_1000}) must be > 0 and min_matches ({min_matches}) >= 1")
+            raise ConfigError(
+                f"toxicity: flag_per_1000 ({flag_per_1000}) must be > 0 and min_matches ({min_matches}) >= 1"
+            )
         if lexicons is None:
             codes = list(languages) if languages is not None else ts.packaged_lexicon_languages()
             lexicons = [ts.load_lexicon(code, lexicon_dir) for code in codes]
@@ -118,8 +134,9 @@ class LexiconToxicityScorer:
             language = ts.detect_language(text, self._scripts) if self._scripts else next(iter(self._lexicons))
         compiled = self._lexicons.get(language)
         if compiled is None:
-            raise ConfigError(f"toxicity: no lexicon loaded for language {language!r} "
-                              f"(loaded: {', '.join(self._lexicons)})")
+            raise ConfigError(
+                f"toxicity: no lexicon loaded for language {language!r} (loaded: {', '.join(self._lexicons)})"
+            )
         return compiled
 
     def find_matches(self, text: str, language: Optional[str] = None) -> Dict[str, List[str]]:
@@ -134,7 +151,9 @@ class LexiconToxicityScorer:
             for form in forms[index]:
                 for parts, category in compiled.phrases.get(form, ()):
                     end = index + len(parts)
-                    if end <= len(tokens) and all(part in forms[i] for part, i in zip(parts[1:], range(index + 1, end))):
+                    if end <= len(tokens) and all(
+                        part in forms[i] for part, i in zip(parts[1:], range(index + 1, end))
+                    ):
                         matches.setdefault(category, []).append(" ".join(parts))
                         step = max(step, len(parts))
             if step == 1:
@@ -168,8 +187,12 @@ class ClassifierScorer:
     A document is flagged when some category's score reaches `thresholds[category]` (default `threshold`).
     """
 
-    def __init__(self, fn: Callable[[str], Mapping[str, float]], threshold: float = 0.5,
-                 thresholds: Optional[Mapping[str, float]] = None) -> None:
+    def __init__(
+        self,
+        fn: Callable[[str], Mapping[str, float]],
+        threshold: float = 0.5,
+        thresholds: Optional[Mapping[str, float]] = None,
+    ) -> None:
         if not callable(fn):
             raise ConfigError("toxicity: ClassifierScorer needs a callable text -> {category: score}")
         self.fn = fn
@@ -179,7 +202,9 @@ class ClassifierScorer:
     def score(self, text: str, language: Optional[str] = None) -> ToxicityScore:
         raw = self.fn(text)
         if not isinstance(raw, Mapping):
-            raise ConfigError(f"toxicity classifier returned {type(raw).__name__}, expected a mapping category -> score")
+            raise ConfigError(
+                f"toxicity classifier returned {type(raw).__name__}, expected a mapping category -> score"
+            )
         scores = {str(category): float(value) for category, value in raw.items()}
         flagged = any(value >= self.thresholds.get(category, self.threshold) for category, value in scores.items())
         return ToxicityScore(scores=scores, flagged=flagged, words=len(ts.words(text)))

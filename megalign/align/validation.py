@@ -27,6 +27,7 @@ short stable string that the rewrite stage records on the record and counts in i
 Meta-text and refusal patterns of every configured lexicon are checked whatever the document language,
 since a worker may answer an Arabic document with an English preamble.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -35,12 +36,27 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 from megalign.align import text_signals as ts
 from megalign.errors import ConfigError
 
-__all__ = ["DEFAULT_LANGUAGE_SCRIPTS", "POLICIES", "REASONS", "ValidationConfig", "ValidationResult",
-           "knowledge_preservation", "validate_rewrite"]
+__all__ = [
+    "DEFAULT_LANGUAGE_SCRIPTS",
+    "POLICIES",
+    "REASONS",
+    "ValidationConfig",
+    "ValidationResult",
+    "knowledge_preservation",
+    "validate_rewrite",
+]
 
 #: Failure reasons, in the order the checks run.
-REASONS = ("empty", "truncated", "wrong_script", "length_ratio", "meta_text", "refusal", "lost_numbers",
-           "lost_entities")
+REASONS = (
+    "empty",
+    "truncated",
+    "wrong_script",
+    "length_ratio",
+    "meta_text",
+    "refusal",
+    "lost_numbers",
+    "lost_entities",
+)
 #: What the rewrite stage does with a record whose rewrite failed: keep the original text or drop the record.
 POLICIES = ("keep_original", "drop")
 #: Scripts of common languages, used when ValidationConfig.scripts does not name the language.
@@ -84,8 +100,10 @@ class ValidationConfig:
         if self.policy not in POLICIES:
             raise ConfigError(f"validation policy {self.policy!r}: expected one of {', '.join(POLICIES)}")
         if not 0 <= self.min_length_ratio < self.max_length_ratio:
-            raise ConfigError(f"validation: need 0 <= min_length_ratio ({self.min_length_ratio}) < "
-                              f"max_length_ratio ({self.max_length_ratio})")
+            raise ConfigError(
+                f"validation: need 0 <= min_length_ratio ({self.min_length_ratio}) < "
+                f"max_length_ratio ({self.max_length_ratio})"
+            )
         for name in ("min_script_share", "script_share_slack", "max_lost_number_share", "max_lost_entity_share"):
             value = getattr(self, name)
             if not 0 <= value <= 1:
@@ -95,14 +113,18 @@ class ValidationConfig:
                 raise ConfigError(f"validation: {name} = {getattr(self, name)} must be >= 0")
         for code, script in self.scripts.items():
             if script not in ts.SCRIPTS:
-                raise ConfigError(f"validation: script {script!r} of language {code!r} is not one of {', '.join(ts.SCRIPTS)}")
+                raise ConfigError(
+                    f"validation: script {script!r} of language {code!r} is not one of {', '.join(ts.SCRIPTS)}"
+                )
 
     def script_for(self, language: str) -> str:
         """The script `language` is written in; ConfigError when neither `scripts` nor the defaults know it."""
         script = self.scripts.get(language) or DEFAULT_LANGUAGE_SCRIPTS.get(language)
         if script is None:
-            raise ConfigError(f"validation: no script known for language {language!r}; pass "
-                              f"ValidationConfig(scripts={{{language!r}: 'latin'}}) or use Guidelines.scripts")
+            raise ConfigError(
+                f"validation: no script known for language {language!r}; pass "
+                f"ValidationConfig(scripts={{{language!r}: 'latin'}}) or use Guidelines.scripts"
+            )
         return script
 
     def lexicon(self, language: str) -> ts.Lexicon:
@@ -158,8 +180,10 @@ def knowledge_preservation(original: str, rewritten: str, lexicon: Optional[ts.L
     numbers, lost_numbers = _numbers(original, rewritten)
     entities, lost_entities = _entities(original, rewritten, lexicon)
     result: Dict[str, Any] = {}
-    for name, share_name, items, lost in (("numbers", "number_share", numbers, lost_numbers),
-                                          ("entities", "entity_share", entities, lost_entities)):
+    for name, share_name, items, lost in (
+        ("numbers", "number_share", numbers, lost_numbers),
+        ("entities", "entity_share", entities, lost_entities),
+    ):
         kept = len(items) - len(lost)
         result[name] = len(items)
         result[f"{name}_kept"] = kept
@@ -181,9 +205,13 @@ def _new_match(found: Optional[str], original: str, patterns: Tuple[str, ...], f
     return found
 
 
-def validate_rewrite(original: str, rewritten: Optional[str], language: str,
-                     config: Optional[ValidationConfig] = None,
-                     finish_reason: Optional[str] = None) -> ValidationResult:
+def validate_rewrite(
+    original: str,
+    rewritten: Optional[str],
+    language: str,
+    config: Optional[ValidationConfig] = None,
+    finish_reason: Optional[str] = None,
+) -> ValidationResult:
     """Check one rewrite of `original` in `language` (see the module docstring for the checks and reasons)."""
     config = config or ValidationConfig()
     details: Dict[str, Any] = {}
@@ -202,8 +230,11 @@ def validate_rewrite(original: str, rewritten: Optional[str], language: str,
     share = ts.script_share(text, script)
     original_share = ts.script_share(original, script)
     details.update(script=script, script_share=share, original_script_share=original_share)
-    if share is not None and share < config.min_script_share and (
-            original_share is None or share < original_share - config.script_share_slack):
+    if (
+        share is not None
+        and share < config.min_script_share
+        and (original_share is None or share < original_share - config.script_share_slack)
+    ):
         return _fail("wrong_script", details)
 
     base = len(ts.mask_contacts(original, "").strip()) or len(original.strip())
@@ -225,13 +256,19 @@ def validate_rewrite(original: str, rewritten: Optional[str], language: str,
 
     numbers, lost_numbers = _numbers(original, text)
     details.update(numbers=len(numbers), lost_numbers=lost_numbers)
-    if numbers and len(lost_numbers) >= max(config.min_lost_numbers, 1) and \
-            len(lost_numbers) / len(numbers) > config.max_lost_number_share:
+    if (
+        numbers
+        and len(lost_numbers) >= max(config.min_lost_numbers, 1)
+        and len(lost_numbers) / len(numbers) > config.max_lost_number_share
+    ):
         return _fail("lost_numbers", details)
 
     entities, lost_entities = _entities(original, text, config.lexicon(language))
     details.update(entities=len(entities), lost_entities=lost_entities)
-    if entities and len(lost_entities) >= max(config.min_lost_entities, 1) and \
-            len(lost_entities) / len(entities) > config.max_lost_entity_share:
+    if (
+        entities
+        and len(lost_entities) >= max(config.min_lost_entities, 1)
+        and len(lost_entities) / len(entities) > config.max_lost_entity_share
+    ):
         return _fail("lost_entities", details)
     return ValidationResult(True, None, details)

@@ -1,4 +1,5 @@
 """Checkpoint conversion between Hugging Face LLaMA/Qwen2 folders and megalign checkpoints (any TP/PP layout)."""
+
 from megalign.convert.hf_to_megalign import convert_hf_to_megalign
 from megalign.convert.megalign_to_hf import convert_megalign_to_hf
 

@@ -7,12 +7,14 @@ tokenizer files are copied to SAVE/tokenizer/.
 megalign-to-hf writes config.json, generation_config.json, (sharded) safetensors weights and the tokenizer
 files, with the vocabulary padding stripped, loadable by transformers' AutoModelForCausalLM.
 """
+
 from __future__ import annotations
 
 import argparse
 
+from megalign.checkpoint.model_record import DTYPES
 from megalign.convert.hf_to_megalign import convert_hf_to_megalign
-from megalign.convert.megalign_to_hf import DTYPES, convert_megalign_to_hf, describe
+from megalign.convert.megalign_to_hf import convert_megalign_to_hf, describe
 
 EXAMPLES = """examples:
   megalign convert hf-to-megalign --hf-dir Meta-Llama-3-8B --save ckpt/llama3-8b \\
@@ -25,36 +27,62 @@ EXAMPLES = """examples:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Add the hf-to-megalign and megalign-to-hf sub-commands."""
     sub = parser.add_subparsers(dest="direction", required=True, metavar="{hf-to-megalign,megalign-to-hf}")
-    imp = sub.add_parser("hf-to-megalign", help="Hugging Face folder -> megalign checkpoint",
-                         description="Import a Hugging Face LLaMA/Qwen2 model as a megalign checkpoint.")
+    imp = sub.add_parser(
+        "hf-to-megalign",
+        help="Hugging Face folder -> megalign checkpoint",
+        description="Import a Hugging Face LLaMA/Qwen2 model as a megalign checkpoint.",
+    )
     imp.add_argument("--hf-dir", required=True, help="Hugging Face model folder (config.json + weights)")
     imp.add_argument("--save", required=True, help="checkpoint directory to create (must not hold a checkpoint)")
     imp.add_argument("--tensor-model-parallel-size", type=int, default=1, help="TP size of the files (default 1)")
     imp.add_argument("--pipeline-model-parallel-size", type=int, default=1, help="PP size of the files (default 1)")
-    imp.add_argument("--make-vocab-size-divisible-by", type=int, default=128,
-                     help="pad the vocabulary to a multiple of this x TP, as the trainer does (default 128)")
+    imp.add_argument(
+        "--make-vocab-size-divisible-by",
+        type=int,
+        default=128,
+        help="pad the vocabulary to a multiple of this x TP, as the trainer does (default 128)",
+    )
     imp.add_argument("--no-progress", action="store_true", help="do not print progress lines")
-    exp = sub.add_parser("megalign-to-hf", help="megalign checkpoint -> Hugging Face folder",
-                         description="Export a megalign checkpoint as a Hugging Face LLaMA/Qwen2 model folder.")
+    exp = sub.add_parser(
+        "megalign-to-hf",
+        help="megalign checkpoint -> Hugging Face folder",
+        description="Export a megalign checkpoint as a Hugging Face LLaMA/Qwen2 model folder.",
+    )
     exp.add_argument("--load", required=True, help="checkpoint directory (its latest step is exported)")
     exp.add_argument("--hf-dir", required=True, help="output folder to create (must not exist or be empty)")
     exp.add_argument("--dtype", choices=sorted(DTYPES), default="bf16", help="weight dtype (default bf16)")
     exp.add_argument("--max-shard-size", default="5GB", help="largest weights file, e.g. 5GB, 500MB (default 5GB)")
     exp.add_argument("--ckpt-step", type=int, default=None, help="export this step instead of the latest")
-    exp.add_argument("--vocab-size", type=int, default=None,
-                     help="HF vocabulary size to cut the padded embedding to (default: the size recorded at import)")
+    exp.add_argument(
+        "--vocab-size",
+        type=int,
+        default=None,
+        help="HF vocabulary size to cut the padded embedding to (default: the size recorded at import)",
+    )
     exp.add_argument("--no-progress", action="store_true", help="do not print progress lines")
 
 
 def main(args: argparse.Namespace) -> int:
     """Run the chosen conversion; prints the output path."""
     if args.direction == "hf-to-megalign":
-        path = convert_hf_to_megalign(args.hf_dir, args.save, args.tensor_model_parallel_size,
-                                      args.pipeline_model_parallel_size, args.make_vocab_size_divisible_by,
-                                      progress=not args.no_progress)
+        path = convert_hf_to_megalign(
+            args.hf_dir,
+            args.save,
+            args.tensor_model_parallel_size,
+            args.pipeline_model_parallel_size,
+            args.make_vocab_size_divisible_by,
+            progress=not args.no_progress,
+        )
         print(f"wrote megalign checkpoint {path}")
     else:
-        path = convert_megalign_to_hf(args.load, args.hf_dir, args.dtype, args.max_shard_size, args.ckpt_step,
-                                      args.vocab_size, progress=not args.no_progress)
+        path = convert_megalign_to_hf(
+            args.load,
+            args.hf_dir,
+            args.dtype,
+            args.max_shard_size,
+            args.ckpt_step,
+            args.vocab_size,
+            progress=not args.no_progress,
+        )
         print(f"wrote Hugging Face model {describe(path)}")
     return 0

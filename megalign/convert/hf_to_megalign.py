@@ -2,7 +2,7 @@
 
 The output is an ordinary megalign checkpoint (step 0, model tensors only) under global names, written as
 the files a TP x PP job would write (``model_tp{t}_pp{p}.safetensors``, each tensor split into parts along
-its tensor-parallel axis, see megalign/training/checkpoint_format.py), so ``megalign train --finetune --load
+its tensor-parallel axis, see megalign/checkpoint/format.py), so ``megalign train --finetune --load
 SAVE`` reads it at this or any other layout. Memory: each output file is streamed a tensor part at a
 time (its header planned from the HF shapes and dtypes), and parts are read lazily from the HF files, so the
 peak is about the largest single tensor, not a file or the model.
@@ -13,6 +13,7 @@ vocabulary size, architecture and ``config.json`` are kept in the checkpoint's `
 ``megalign-to-hf`` strips the padding again. Tokenizer files found in the HF folder are copied to
 ``SAVE/tokenizer/``.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -25,22 +26,30 @@ from typing import Any, Dict, List, Optional, Tuple, Union
 
 import torch
 
-from megalign.convert.hf_files import HFModelFolder, copy_tokenizer_files
+from megalign.checkpoint.format import (
+    FORMAT_NAME,
+    FORMAT_VERSION,
+    LATEST_FILE,
+    ShardSpec,
+    TensorSpec,
+    dtype_name,
+    iter_dir_name,
+    model_file_name,
+)
+from megalign.checkpoint.hf_files import HFModelFolder, copy_tokenizer_files
+from megalign.checkpoint.model_record import TOKENIZER_DIR
+from megalign.checkpoint.storage import json_or_raise, write_metadata
+from megalign.config.layout import stage_layer_ranges
+from megalign.config.model import ARCHITECTURES, ModelConfig, from_hf_config
 from megalign.data.tokenizers import padded_vocab_size
 from megalign.errors import ConfigError, DataFormatError
-from megalign.model.config import ARCHITECTURES, ModelConfig, from_hf_config
 from megalign.model.hf_weights import weight_names
-from megalign.parallel.pipeline import stage_layer_ranges
-from megalign.training.checkpoint_format import (FORMAT_NAME, FORMAT_VERSION, LATEST_FILE, ShardSpec, TensorSpec,
-                                                 dtype_name, iter_dir_name, model_file_name)
-from megalign.training.checkpointing import json_or_raise, write_metadata
 from megalign.utils.atomic import atomic_write, fsync_dir, install_directory
 from megalign.utils.progress import ProgressMeter
 from megalign.utils.safetensors_stream import StreamingSafetensorsWriter
 
-__all__ = ["TOKENIZER_DIR", "VOCAB_TENSORS", "convert_hf_to_megalign", "tensor_split"]
+__all__ = ["VOCAB_TENSORS", "convert_hf_to_megalign", "tensor_split"]
 
-TOKENIZER_DIR = "tokenizer"
 VOCAB_TENSORS = ("embed_tokens.weight", "lm_head.weight")
 _IGNORED_HF = ("rotary_emb.inv_freq",)
 PathLike = Union[str, Path]
@@ -121,20 +130,27 @@ def _check_tensors(folder: HFModelFolder, config: ModelConfig, entries: List[_En
     needed = {e.hf_name for e in entries}
     missing = [e.hf_name for e in entries if e.hf_name not in present]
     if missing:
-        raise DataFormatError(f"{folder.path}: missing tensor {missing[0]}" + (f" (+{len(missing) - 1} more)"
-                              if len(missing) > 1 else "") + " that config.json requires")
+        raise DataFormatError(
+            f"{folder.path}: missing tensor {missing[0]}"
+            + (f" (+{len(missing) - 1} more)" if len(missing) > 1 else "")
+            + " that config.json requires"
+        )
     ignored = _IGNORED_HF + (("lm_head.weight",) if config.tie_word_embeddings else ())
     unexpected = sorted(n for n in present - needed if not n.endswith(ignored))
     if unexpected:
-        raise DataFormatError(f"{folder.file_of(unexpected[0])}: unexpected tensor {unexpected[0]}"
-                              + (f" (+{len(unexpected) - 1} more)" if len(unexpected) > 1 else "")
-                              + "; config.json does not describe it (wrong number of layers, biases or tied "
-                              "embeddings?)")
+        raise DataFormatError(
+            f"{folder.file_of(unexpected[0])}: unexpected tensor {unexpected[0]}"
+            + (f" (+{len(unexpected) - 1} more)" if len(unexpected) > 1 else "")
+            + "; config.json does not describe it (wrong number of layers, biases or tied "
+            "embeddings?)"
+        )
     for entry in entries:
         shape = folder.shape(entry.hf_name)
         if shape != entry.hf_shape:
-            raise DataFormatError(f"{folder.file_of(entry.hf_name)}: tensor {entry.hf_name} has shape {list(shape)}, "
-                                  f"config.json implies {list(entry.hf_shape)}")
+            raise DataFormatError(
+                f"{folder.file_of(entry.hf_name)}: tensor {entry.hf_name} has shape {list(shape)}, "
+                f"config.json implies {list(entry.hf_shape)}"
+            )
 
 
 def _read_part(folder: HFModelFolder, entry: _Entry, part: int) -> torch.Tensor:
@@ -162,8 +178,16 @@ def _read_padded_part(folder: HFModelFolder, entry: _Entry, part: int) -> torch.
     return out
 
 
-def _write_model_file(path: Path, folder: HFModelFolder, entries: List[_Entry], stages: Dict[str, List[int]],
-                      specs: Dict[str, TensorSpec], t: int, p: int, meter: ProgressMeter) -> Dict[str, Any]:
+def _write_model_file(
+    path: Path,
+    folder: HFModelFolder,
+    entries: List[_Entry],
+    stages: Dict[str, List[int]],
+    specs: Dict[str, TensorSpec],
+    t: int,
+    p: int,
+    meter: ProgressMeter,
+) -> Dict[str, Any]:
     """Stream tensor rank ``t``'s parts of stage ``p``'s tensors into ``path``, one part in memory at a time;
     records each part in ``specs``. Replicated tensors (norms, k/v parts shared by several ranks) are stored
     once, by the first rank holding them."""
@@ -174,10 +198,10 @@ def _write_model_file(path: Path, folder: HFModelFolder, entries: List[_Entry], 
         meter.update(tensors=1)
         if (entry.axis is None and t != 0) or t % entry.replicas:
             continue
-        shape = list(entry.shape)
+        dims = list(entry.shape)
         if entry.axis is not None:
-            shape[entry.axis] //= entry.pieces
-        plan.append((entry, t // entry.replicas, tuple(shape)))
+            dims[entry.axis] //= entry.pieces
+        plan.append((entry, t // entry.replicas, tuple(dims)))
     writer = StreamingSafetensorsWriter(path, [(e.name, shape, folder.dtype(e.hf_name)) for e, _, shape in plan])
     try:
         for entry, part, shape in plan:
@@ -195,9 +219,14 @@ def _write_model_file(path: Path, folder: HFModelFolder, entries: List[_Entry], 
         raise
 
 
-def convert_hf_to_megalign(hf_dir: PathLike, save_dir: PathLike, tensor_model_parallel_size: int = 1,
-                           pipeline_model_parallel_size: int = 1, make_vocab_size_divisible_by: int = 128,
-                           progress: bool = True) -> Path:
+def convert_hf_to_megalign(
+    hf_dir: PathLike,
+    save_dir: PathLike,
+    tensor_model_parallel_size: int = 1,
+    pipeline_model_parallel_size: int = 1,
+    make_vocab_size_divisible_by: int = 128,
+    progress: bool = True,
+) -> Path:
     """Write the HF model in ``hf_dir`` as a megalign checkpoint (step 0) under ``save_dir``; returns its path.
 
     Raises ConfigError for an unsupported architecture or layout and DataFormatError naming the file and
@@ -208,8 +237,10 @@ def convert_hf_to_megalign(hf_dir: PathLike, save_dir: PathLike, tensor_model_pa
     architectures = folder.config.get("architectures") or []
     architecture = architectures[0] if architectures else None
     if architecture not in ARCHITECTURES:
-        raise ConfigError(f"{folder.path / 'config.json'}: architecture {architecture!r} is not supported; "
-                          f"supported: {', '.join(ARCHITECTURES)}")
+        raise ConfigError(
+            f"{folder.path / 'config.json'}: architecture {architecture!r} is not supported; "
+            f"supported: {', '.join(ARCHITECTURES)}"
+        )
     config = from_hf_config(folder.config)
     _check_layout(config, tp, pp)
     padded = padded_vocab_size(config.vocab_size, make_vocab_size_divisible_by, tp)
@@ -226,21 +257,36 @@ def convert_hf_to_megalign(hf_dir: PathLike, save_dir: PathLike, tensor_model_pa
     root.mkdir(parents=True, exist_ok=True)
     tmp = root / f".{iter_dir_name(0)}.tmp-{uuid.uuid4().hex}"
     tmp.mkdir()
-    meter = ProgressMeter("hf-to-megalign", total=sum(len(s) for s in stages.values()) * tp, unit="tensors",
-                          enabled=progress)
+    meter = ProgressMeter(
+        "hf-to-megalign", total=sum(len(s) for s in stages.values()) * tp, unit="tensors", enabled=progress
+    )
     try:
         for p in range(pp):
             for t in range(tp):
                 fname = model_file_name(t, p)
-                files[fname] = {"kind": "model", "tensor": t, "pipeline": p,
-                                **_write_model_file(tmp / fname, folder, entries, stages, specs, t, p, meter)}
-        extra = {"hf": {"architecture": architecture, "vocab_size": config.vocab_size, "config": folder.config},
-                 "converted_from": str(folder.path)}
+                files[fname] = {
+                    "kind": "model",
+                    "tensor": t,
+                    "pipeline": p,
+                    **_write_model_file(tmp / fname, folder, entries, stages, specs, t, p, meter),
+                }
+        extra = {
+            "hf": {"architecture": architecture, "vocab_size": config.vocab_size, "config": folder.config},
+            "converted_from": str(folder.path),
+        }
         ours = dataclasses.replace(config, vocab_size=padded)
-        metadata = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, "step": 0, "consumed_samples": 0,
-                    "saved_at": time.time(), "config": {"model_config": ours.to_dict()},
-                    "extra": json_or_raise(extra, "extra"), "parallel": {"tensor": tp, "pipeline": pp, "data": 1},
-                    "files": files, "tensors": {name: spec.to_json() for name, spec in sorted(specs.items())}}
+        metadata = {
+            "format": FORMAT_NAME,
+            "format_version": FORMAT_VERSION,
+            "step": 0,
+            "consumed_samples": 0,
+            "saved_at": time.time(),
+            "config": {"model_config": ours.to_dict()},
+            "extra": json_or_raise(extra, "extra"),
+            "parallel": {"tensor": tp, "pipeline": pp, "data": 1},
+            "files": files,
+            "tensors": {name: spec.to_json() for name, spec in sorted(specs.items())},
+        }
         write_metadata(tmp, metadata)
         _install_tokenizer(folder.path, root)
         final = root / iter_dir_name(0)

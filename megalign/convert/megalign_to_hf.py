@@ -8,6 +8,7 @@ size-bounded shards ``model-0000i-of-0000n.safetensors`` with ``model.safetensor
 and the tokenizer files kept in ``LOAD/tokenizer/``. The folder is built in a temp directory and renamed
 into place. Memory: about one shard.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -19,23 +20,33 @@ from typing import Any, Dict, List, Optional, Tuple, Union
 
 import torch
 
-from megalign.convert.hf_files import GENERATION_CONFIG, copy_tokenizer_files
-from megalign.convert.hf_to_megalign import TOKENIZER_DIR, VOCAB_TENSORS
+from megalign.checkpoint.hf_files import GENERATION_CONFIG, copy_tokenizer_files
+from megalign.checkpoint.model_record import DTYPES, TOKENIZER_DIR, checkpoint_model_config
+from megalign.checkpoint.storage import Checkpoint, load_checkpoint
+from megalign.config.model import to_hf_config
+from megalign.convert.hf_to_megalign import VOCAB_TENSORS
 from megalign.errors import ConfigError, DataFormatError
-from megalign.model.config import ModelConfig, to_hf_config
 from megalign.model.hf_weights import weight_names
-from megalign.training.checkpointing import Checkpoint, load_checkpoint
 from megalign.utils.atomic import fsync_dir, write_json_atomic
 from megalign.utils.progress import ProgressMeter
 from megalign.utils.safetensors_stream import StreamingSafetensorsWriter, tensor_nbytes
 
-__all__ = ["DTYPES", "checkpoint_model_config", "convert_megalign_to_hf", "describe", "parse_size"]
+__all__ = ["convert_megalign_to_hf", "describe", "parse_size"]
 
-DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}
 _TOKEN_IDS = ("bos_token_id", "eos_token_id", "pad_token_id")
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?i?B)?\s*$", re.IGNORECASE)
-_UNITS = {"": 1, "B": 1, "KB": 10 ** 3, "MB": 10 ** 6, "GB": 10 ** 9, "TB": 10 ** 12,
-          "KIB": 2 ** 10, "MIB": 2 ** 20, "GIB": 2 ** 30, "TIB": 2 ** 40}
+_UNITS = {
+    "": 1,
+    "B": 1,
+    "KB": 10**3,
+    "MB": 10**6,
+    "GB": 10**9,
+    "TB": 10**12,
+    "KIB": 2**10,
+    "MIB": 2**20,
+    "GIB": 2**30,
+    "TIB": 2**40,
+}
 PathLike = Union[str, Path]
 
 
@@ -53,32 +64,20 @@ def parse_size(text: Union[str, int]) -> int:
     return value
 
 
-def checkpoint_model_config(checkpoint: Checkpoint) -> ModelConfig:
-    """The (padded) model shape: recorded at import, or the training config of a trainer checkpoint."""
-    stored = checkpoint.config.get("model_config")
-    if isinstance(stored, dict):
-        return ModelConfig.from_dict(stored)
-    if "model" in checkpoint.config:
-        from megalign.config import TrainingConfig
-
-        embed = checkpoint.metadata.tensors.get("embed_tokens.weight")
-        if embed is None:
-            raise DataFormatError(f"{checkpoint.path}: has no tensor embed_tokens.weight")
-        # the saving job's layout is not this process's: leave the parallel section out of the validation
-        training = {key: value for key, value in checkpoint.config.items() if key != "parallel"}
-        return TrainingConfig.from_dict(training).model_config(vocab_size=embed.shape[0])
-    raise DataFormatError(f"{checkpoint.path}: metadata holds no model config (neither 'model_config' from "
-                          "`megalign convert hf-to-megalign` nor a training config from `megalign train`)")
-
-
 def _hf_info(checkpoint: Checkpoint, padded: int, vocab_size: Optional[int]) -> Tuple[int, Optional[str], Dict]:
     """(HF vocabulary size, architecture or None, original config.json or {})."""
-    hf = checkpoint.extra.get("hf") if isinstance(checkpoint.extra.get("hf"), dict) else {}
+    recorded = checkpoint.extra.get("hf")
+    hf: Dict[str, Any] = recorded if isinstance(recorded, dict) else {}
     vocab = vocab_size if vocab_size is not None else hf.get("vocab_size", padded)
     if not isinstance(vocab, int) or not 0 < vocab <= padded:
         raise ConfigError(f"vocabulary size {vocab!r} must be a positive integer <= the checkpoint's {padded} rows")
-    original = hf.get("config") if isinstance(hf.get("config"), dict) else {}
-    return vocab, hf.get("architecture"), original
+    original = hf.get("config")
+    architecture = hf.get("architecture")
+    return (
+        vocab,
+        architecture if isinstance(architecture, str) else None,
+        original if isinstance(original, dict) else {},
+    )
 
 
 class _ShardWriter:
@@ -86,8 +85,9 @@ class _ShardWriter:
     tensors' names, shapes and dtype up front, so each tensor is written as soon as it is read and memory
     holds one tensor at a time, not a shard."""
 
-    def __init__(self, directory: Path, max_bytes: int, entries: List[Tuple[str, Tuple[int, ...]]],
-                 dtype: torch.dtype) -> None:
+    def __init__(
+        self, directory: Path, max_bytes: int, entries: List[Tuple[str, Tuple[int, ...]]], dtype: torch.dtype
+    ) -> None:
         self.directory, self.dtype = directory, dtype
         self.shards: List[List[Tuple[str, Tuple[int, ...], int]]] = [[]]
         size = 0
@@ -112,6 +112,7 @@ class _ShardWriter:
             plan = [(n, shape, self.dtype) for n, shape, _ in self.shards[index]]
             self.writer = StreamingSafetensorsWriter(self.directory / f".shard{index}", plan, {"format": "pt"})
             self.current = index
+        assert self.writer is not None  # opened above for the tensor's shard
         self.writer.add(name, tensor)
 
     def finish(self) -> None:
@@ -128,8 +129,10 @@ class _ShardWriter:
             fname = f"model-{i + 1:05d}-of-{count:05d}.safetensors"
             (self.directory / f".shard{i}").rename(self.directory / fname)
             weight_map.update({name: fname for name, _, _ in shard})
-        write_json_atomic(self.directory / "model.safetensors.index.json",
-                          {"metadata": {"total_size": self.total_bytes}, "weight_map": weight_map})
+        write_json_atomic(
+            self.directory / "model.safetensors.index.json",
+            {"metadata": {"total_size": self.total_bytes}, "weight_map": weight_map},
+        )
 
     def abort(self) -> None:
         """Close an open shard file without checks (on error)."""
@@ -137,8 +140,15 @@ class _ShardWriter:
             self.writer.abort()
 
 
-def convert_megalign_to_hf(load_dir: PathLike, hf_dir: PathLike, dtype: str = "bf16", max_shard_size: Any = "5GB",
-                           step: Optional[int] = None, vocab_size: Optional[int] = None, progress: bool = True) -> Path:
+def convert_megalign_to_hf(
+    load_dir: PathLike,
+    hf_dir: PathLike,
+    dtype: str = "bf16",
+    max_shard_size: Any = "5GB",
+    step: Optional[int] = None,
+    vocab_size: Optional[int] = None,
+    progress: bool = True,
+) -> Path:
     """Write the checkpoint in ``load_dir`` (latest, or ``step``) as a Hugging Face folder ``hf_dir``.
 
     ``dtype``: bf16, fp16 or fp32. ``vocab_size`` overrides the HF vocabulary size recorded at import
@@ -155,8 +165,11 @@ def convert_megalign_to_hf(load_dir: PathLike, hf_dir: PathLike, dtype: str = "b
     padded_config = checkpoint_model_config(checkpoint)
     vocab, architecture, original = _hf_info(checkpoint, padded_config.vocab_size, vocab_size)
     config = dataclasses.replace(padded_config, vocab_size=vocab)
-    hf_config = {**{k: original[k] for k in _TOKEN_IDS if k in original}, **to_hf_config(config, architecture),
-                 "torch_dtype": str(DTYPES[dtype]).replace("torch.", "")}
+    hf_config = {
+        **{k: original[k] for k in _TOKEN_IDS if k in original},
+        **to_hf_config(config, architecture),
+        "torch_dtype": str(DTYPES[dtype]).replace("torch.", ""),
+    }
     names = weight_names(config)
     stored = checkpoint.metadata.tensors
     missing = [ours for ours, _, _ in names if ours not in stored]
@@ -170,12 +183,15 @@ def convert_megalign_to_hf(load_dir: PathLike, hf_dir: PathLike, dtype: str = "b
     writer = _ShardWriter(tmp, max_bytes, [(hf_name, shape) for _, hf_name, shape in names], DTYPES[dtype])
     try:
         for ours, hf_name, shape in names:
-            tensor = (checkpoint.read_tensor(ours, 0, 0, vocab) if ours in VOCAB_TENSORS
-                      else checkpoint.read_tensor(ours))
+            tensor = (
+                checkpoint.read_tensor(ours, 0, 0, vocab) if ours in VOCAB_TENSORS else checkpoint.read_tensor(ours)
+            )
             checkpoint.close()  # unmap the files read so far: memory holds one tensor, not the model
             if tuple(tensor.shape) != shape:
-                raise DataFormatError(f"{checkpoint.path}: tensor {ours} has shape {list(stored[ours].shape)}, the "
-                                      f"model config implies {list(shape)}")
+                raise DataFormatError(
+                    f"{checkpoint.path}: tensor {ours} has shape {list(stored[ours].shape)}, the "
+                    f"model config implies {list(shape)}"
+                )
             tensor = tensor.to(DTYPES[dtype])
             writer.add(hf_name, tensor)
             meter.update(tensors=1, bytes=tensor.numel() * tensor.element_size())
@@ -185,8 +201,10 @@ def convert_megalign_to_hf(load_dir: PathLike, hf_dir: PathLike, dtype: str = "b
         if tokenizer_dir.is_dir():
             copy_tokenizer_files(tokenizer_dir, tmp)
         if not (tmp / GENERATION_CONFIG).exists():
-            write_json_atomic(tmp / GENERATION_CONFIG, {**{k: original[k] for k in _TOKEN_IDS if k in original},
-                                                        "_from_model_config": True})
+            write_json_atomic(
+                tmp / GENERATION_CONFIG,
+                {**{k: original[k] for k in _TOKEN_IDS if k in original}, "_from_model_config": True},
+            )
         fsync_dir(tmp)
         if target.exists():
             target.rmdir()
@@ -206,4 +224,3 @@ def describe(path: Path) -> str:
     """One line naming the files of an exported folder (for the CLI's summary)."""
     files = sorted(p.name for p in path.iterdir())
     return f"{path}: {len(files)} files ({', '.join(files[:6])}{', ...' if len(files) > 6 else ''})"
-

@@ -9,6 +9,7 @@ Built greedily: position i goes to the dataset whose drawn count lags its weight
 most (build_blending_indices). With size None each dataset contributes exactly `weights[i]`
 samples (integers), interleaved in proportion (build_exhaustive_blending_indices).
 """
+
 from __future__ import annotations
 
 import logging
@@ -70,7 +71,9 @@ class BlendedDataset(torch.utils.data.Dataset):
         cache: Optional[IndexCache] = None,
     ) -> None:
         if not datasets or len(datasets) != len(weights):
-            raise ConfigError(f"blend: {len(datasets)} datasets but {len(weights)} weights; give one weight per dataset")
+            raise ConfigError(
+                f"blend: {len(datasets)} datasets but {len(weights)} weights; give one weight per dataset"
+            )
         if len(datasets) >= 32767:
             raise ConfigError(f"blend: {len(datasets)} datasets; at most 32766 can be blended (int16 dataset ids)")
         splits = {dataset.index_split for dataset in datasets}
@@ -79,7 +82,9 @@ class BlendedDataset(torch.utils.data.Dataset):
         if not all(weight > 0 for weight in weights):
             raise ConfigError(f"blend: weights must be positive, got {list(weights)}")
         if size is None and not all(float(weight).is_integer() for weight in weights):
-            raise ConfigError(f"blend: without a size the weights are sample counts and must be integers, got {list(weights)}")
+            raise ConfigError(
+                f"blend: without a size the weights are sample counts and must be integers, got {list(weights)}"
+            )
         if size is not None and (isinstance(size, bool) or not isinstance(size, (int, numpy.integer)) or size < 0):
             raise ConfigError(f"blend: size must be a non-negative integer or None, got {size!r}")
         if len(datasets) == 1:
@@ -143,6 +148,4 @@ class BlendedDataset(torch.utils.data.Dataset):
         return f"BlendedDataset(split={self.split.name}, datasets={len(self.datasets)}, samples={len(self)})"
 
 
-_SURPLUS_HINT = (
-    "increase mid_level_dataset_surplus (e.g. ten-fold) so each dataset builds a larger margin of samples"
-)
+_SURPLUS_HINT = "increase mid_level_dataset_surplus (e.g. ten-fold) so each dataset builds a larger margin of samples"

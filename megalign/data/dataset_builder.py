@@ -12,81 +12,28 @@ datasets (and the same sample order) in both:
   at round(fraction * number of sequences).
 * blend_per_split (`--train-data-path` etc.): each split has its own blend.
 """
+
 from __future__ import annotations
 
-import functools
 import math
-import re
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
+from megalign.config.data_paths import Blend, SplitMatrix
 from megalign.data.blended_dataset import BlendedDataset, normalize
-from megalign.data.gpt_dataset import Blend, GPTDataset, GPTDatasetConfig, Split
+from megalign.data.gpt_dataset import GPTDataset, GPTDatasetConfig, Split
 from megalign.data.index_cache import IndexCache
 from megalign.data.indexed_dataset import IndexedDataset
 from megalign.errors import ConfigError
 
-SplitMatrix = List[Optional[Tuple[float, float]]]
 TopLevelDataset = Union[GPTDataset, BlendedDataset]
-_NUMBER = re.compile(r"^\s*(\d+(\.\d*)?|\.\d+)\s*$")
-
-
-def parse_data_path(values: Sequence[str]) -> Blend:
-    """`--data-path` values -> (prefixes, weights or None).
-
-    An even-length list whose every other entry (from the first) is a number is "weight prefix"
-    pairs; anything else is a list of prefixes.
-    """
-    items = [str(value).strip() for value in values]
-    if not items or any(not item for item in items):
-        raise ConfigError(f"--data-path: needs dataset prefixes (optionally weighted: W1 P1 W2 P2 ...), got {list(values)!r}")
-    if len(items) % 2 == 0:
-        weights = [_weight(item) for item in items[0::2]]
-        if all(weight is not None for weight in weights):
-            for weight, prefix in zip(weights, items[1::2]):
-                if not weight > 0:  # type: ignore[operator]
-                    raise ConfigError(f"--data-path: weight {weight} of {prefix} must be positive")
-            return items[1::2], weights  # type: ignore[return-value]
-        if any(weight is not None for weight in weights):
-            raise ConfigError(
-                f"--data-path: {items!r} mixes weights and prefixes; give either prefixes only or W1 P1 W2 P2 pairs"
-            )
-    return items, None
-
-
-def _weight(text: str) -> Optional[float]:
-    try:
-        value = float(text)
-    except ValueError:
-        return None
-    return value if math.isfinite(value) else None
-
-
-def parse_split(split: str) -> List[float]:
-    """"969,30,1" -> normalised [train, valid, test] fractions (missing entries are 0)."""
-    if not isinstance(split, str):
-        raise ConfigError(f'split: must be a string like "969,30,1", got {split!r}')
-    parts = [part for part in re.split(r"[,/]", split)]
-    if len(parts) > len(Split) or any(not _NUMBER.match(part) for part in parts):
-        raise ConfigError(
-            f'split: "{split}" is not up to three non-negative numbers separated by commas (train,valid,test), '
-            'e.g. "969,30,1"'
-        )
-    vector = [float(part) for part in parts] + [0.0] * (len(Split) - len(parts))
-    if sum(vector) <= 0:
-        raise ConfigError(f'split: "{split}" gives every split weight 0')
-    return normalize(vector)
-
-
-def split_matrix_from_vector(vector: Sequence[float]) -> SplitMatrix:
-    """Normalised fractions -> [begin, end) book-ends per split, None for an empty split."""
-    edges = functools.reduce(lambda acc, value: acc + [acc[-1] + value], vector, [0])
-    return [(low, high) if high > low else None for low, high in zip(edges[:-1], edges[1:])]
 
 
 def document_ranges(num_sequences: int, matrix: SplitMatrix) -> List[Optional[Tuple[int, int]]]:
     """The sequence range of each split: [round(begin * n), round(end * n)) (Python's rounding)."""
     return [
-        None if bookends is None else (int(round(bookends[0] * float(num_sequences))), int(round(bookends[1] * float(num_sequences))))
+        None
+        if bookends is None
+        else (int(round(bookends[0] * float(num_sequences))), int(round(bookends[1] * float(num_sequences))))
         for bookends in matrix
     ]
 
@@ -103,10 +50,14 @@ def samples_per_dataset(
 
 def _check_sizes(sizes: Sequence[Optional[int]]) -> List[Optional[int]]:
     if len(sizes) != len(Split):
-        raise ConfigError(f"sizes: need {len(Split)} sample counts (train, valid, test; None = one epoch), got {list(sizes)}")
+        raise ConfigError(
+            f"sizes: need {len(Split)} sample counts (train, valid, test; None = one epoch), got {list(sizes)}"
+        )
     for split, size in zip(Split, sizes):
         if size is not None and (isinstance(size, bool) or not isinstance(size, int) or size < 0):
-            raise ConfigError(f"sizes: the {split.name} sample count must be a non-negative integer or None, got {size!r}")
+            raise ConfigError(
+                f"sizes: the {split.name} sample count must be a non-negative integer or None, got {size!r}"
+            )
     return list(sizes)
 
 
@@ -118,7 +69,9 @@ class GPTDatasetBuilder:
     eval_iters * global_batch]. With torch.distributed initialized every rank must call build().
     """
 
-    def __init__(self, config: GPTDatasetConfig, sizes: Sequence[Optional[int]], cache: Optional[IndexCache] = None) -> None:
+    def __init__(
+        self, config: GPTDatasetConfig, sizes: Sequence[Optional[int]], cache: Optional[IndexCache] = None
+    ) -> None:
         self.config = config
         self.sizes = _check_sizes(sizes)
         self.cache = cache
@@ -145,7 +98,9 @@ class GPTDatasetBuilder:
             self._opened[prefix] = IndexedDataset(prefix)
         return self._opened[prefix]
 
-    def _splits_of(self, prefix: str, matrix: SplitMatrix, sizes: Sequence[Optional[int]]) -> List[Optional[GPTDataset]]:
+    def _splits_of(
+        self, prefix: str, matrix: SplitMatrix, sizes: Sequence[Optional[int]]
+    ) -> List[Optional[GPTDataset]]:
         """One GPTDataset per split whose book-ends are not None."""
         dataset = self._open(prefix)
         ranges = document_ranges(len(dataset.sequence_lengths), matrix)

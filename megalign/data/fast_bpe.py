@@ -30,6 +30,7 @@ tokenizer itself. One caveat: the two regex engines may disagree on characters o
 newer than the older engine knows (e.g. scripts added in Unicode 16); such text is vanishingly rare
 in pre-training corpora and still tokenizes validly, but not necessarily identically.
 """
+
 from __future__ import annotations
 
 import functools
@@ -37,13 +38,15 @@ import itertools
 import json
 import operator
 import os
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple, cast
 
 #: The pre-tokenizer regex of ByteLevel(use_regex=True) (GPT-2), as in tokenizers' byte_level.rs.
 GPT2_PATTERN = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
 #: The Llama-3 pre-tokenizer regex (Split, Isolated), as in Meta's tokenizer.json.
-LLAMA3_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
-                  r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+LLAMA3_PATTERN = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+    r"|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
 #: Patterns for which cutting before a single space between non-whitespace keeps the pieces (see above).
 SPACE_CUT_PATTERNS = frozenset({GPT2_PATTERN, LLAMA3_PATTERN})
 _POST_PROCESSORS = {"ByteLevel", "TemplateProcessing", "RobertaProcessing", "BertProcessing"}
@@ -74,11 +77,14 @@ def _split_pattern(pre_tokenizer: Optional[dict]) -> Optional[str]:
     if pre_tokenizer.get("type") != "Sequence" or len(pre_tokenizer.get("pretokenizers", [])) != 2:
         return None
     split, byte_level = pre_tokenizer["pretokenizers"]
-    if (split.get("type") != "Split" or split.get("behavior") != "Isolated" or split.get("invert")
-            or "Regex" not in (split.get("pattern") or {})):
+    if (
+        split.get("type") != "Split"
+        or split.get("behavior") != "Isolated"
+        or split.get("invert")
+        or "Regex" not in (split.get("pattern") or {})
+    ):
         return None
-    if (byte_level.get("type") != "ByteLevel" or byte_level.get("add_prefix_space")
-            or byte_level.get("use_regex", True)):
+    if byte_level.get("type") != "ByteLevel" or byte_level.get("add_prefix_space") or byte_level.get("use_regex", True):
         return None
     return split["pattern"]["Regex"]
 
@@ -113,8 +119,10 @@ class ByteLevelBPEEncoder:
         self._added_first_chars = sorted({token["content"][0] for token in added_tokens})
         self._added_passes = []
         for normalized in (False, True):
-            contents = sorted((t["content"] for t in added_tokens if bool(t.get("normalized")) == normalized),
-                              key=lambda text: (-len(text), text))
+            contents = sorted(
+                (t["content"] for t in added_tokens if bool(t.get("normalized")) == normalized),
+                key=lambda text: (-len(text), text),
+            )
             if contents:
                 self._added_passes.append(regex.compile("|".join(regex.escape(text) for text in contents)))
         self._cache: Dict[str, Tuple[int, ...]] = {}
@@ -179,21 +187,28 @@ class ByteLevelBPEEncoder:
             if self._native is not None:
                 cache.update(zip(missing, self._native.encode_pieces(missing)))
                 return [cache[piece] for piece in pieces]
+            model = self._model
+            assert model is not None  # the tokenizer's own model is loaded whenever there is no native one
             # Map all pieces to byte-level characters at once (one character per UTF-8 byte), cut them
             # apart again by their byte lengths and run the model on each (C-level iterators).
             encoded = list(map(str.encode, missing))
             mapped = b"".join(encoded).decode("latin-1").translate(self._to_byte_level)
             ends = list(itertools.accumulate(map(len, encoded)))
             words = map(mapped.__getitem__, map(slice, [0] + ends[:-1], ends))
-            cache.update(zip(missing, map(tuple, map(map, itertools.repeat(_TOKEN_ID),
-                                                      map(self._model.tokenize, words)))))
+            cache.update(
+                zip(missing, map(tuple, map(map, itertools.repeat(_TOKEN_ID), map(model.tokenize, words))))
+            )
         return [cache[piece] for piece in pieces]
 
     def _encode_pieces(self, segment: str, ids: List[int]) -> None:
         """Append the ids of `segment`: regex split, then each piece from the cache or the model."""
         pieces = self._pieces(segment)
         found = list(map(self._cache.get, pieces))  # the common case runs in C: every piece cached
-        ids.extend(itertools.chain.from_iterable(self._piece_ids(pieces) if None in found else found))
+        ids.extend(
+            itertools.chain.from_iterable(
+                self._piece_ids(pieces) if None in found else cast(List[Tuple[int, ...]], found)
+            )
+        )
 
     def _encode_words(self, segment: str, ids: List[int]) -> None:
         """Append the ids of `segment` for a space-cut pattern: cached words, the regex for the rest.
@@ -205,8 +220,10 @@ class ByteLevelBPEEncoder:
         cuts is encoded with the others of the text in one regex call and memoized; any other miss
         (the first word, words next to unsafe cuts) is merged with its neighbours up to safe cuts.
         """
+        word_cache = self._word_cache
+        assert word_cache is not None  # only called for a space-cut pattern without the native encoder
         words = segment.split(" ")
-        found: List[Optional[Sequence[int]]] = list(map(self._word_cache.get, words))
+        found: List[Optional[Sequence[int]]] = list(map(word_cache.get, words))
         found[0] = None  # the first word has no space before it
         last = len(words)
         misses = list(itertools.compress(range(last), map(operator.not_, found)))
@@ -216,9 +233,15 @@ class ByteLevelBPEEncoder:
             if index < end:  # already inside the previous group
                 continue
             word = words[index]
-            if (index and word and words[index - 1] and not word[0].isspace() and not word[-1].isspace()
-                    and not words[index - 1][-1].isspace()
-                    and (index + 1 == last or (words[index + 1] and not words[index + 1][0].isspace()))):
+            if (
+                index
+                and word
+                and words[index - 1]
+                and not word[0].isspace()
+                and not word[-1].isspace()
+                and not words[index - 1][-1].isspace()
+                and (index + 1 == last or (words[index + 1] and not words[index + 1][0].isspace()))
+            ):
                 lone.append(index)  # a clean word between safe cuts (the common miss)
                 end = index + 1
                 continue
@@ -235,8 +258,9 @@ class ByteLevelBPEEncoder:
         if lone:
             self._memoize_words(list(dict.fromkeys([words[index] for index in lone])))
             for index in lone:
-                found[index] = self._word_cache[words[index]]
-        ids.extend(itertools.chain.from_iterable(found))  # type: ignore[arg-type]
+                found[index] = word_cache[words[index]]
+        # Every miss is filled in by now: a group's first entry holds its ids, the others ().
+        ids.extend(itertools.chain.from_iterable(cast(List[Sequence[int]], found)))
 
     def _memoize_words(self, new_words: List[str]) -> None:
         """Cache the ids of " " + word for distinct clean words, with one regex call over all of them."""
@@ -248,9 +272,11 @@ class ByteLevelBPEEncoder:
         stops = list(map(tokens_before.__getitem__, itertools.accumulate(map((1).__add__, map(len, new_words)))))
         flat = tuple(itertools.chain.from_iterable(piece_ids))
         word_ids = map(flat.__getitem__, map(slice, [0] + stops[:-1], stops))
-        if len(self._word_cache) + len(new_words) > _CACHE_LIMIT:
-            self._word_cache.clear()
-        self._word_cache.update(zip(new_words, word_ids))
+        word_cache = self._word_cache
+        assert word_cache is not None  # called by _encode_words only
+        if len(word_cache) + len(new_words) > _CACHE_LIMIT:
+            word_cache.clear()
+        word_cache.update(zip(new_words, word_ids))
 
     def _encode_segment(self, segment: str, ids: List[int]) -> None:
         if self._word_cache is not None:
@@ -269,8 +295,11 @@ class ByteLevelBPEEncoder:
         if not any(char in text for text in texts for char in first_chars):
             return self._native.encode_segments(texts, self._split_all)
         plans = [self._segments(text) for text in texts]
-        segment_ids = iter(self._native.encode_segments(
-            [segment for plan in plans for segment, is_added in plan if not is_added], self._split_all))
+        segment_ids = iter(
+            self._native.encode_segments(
+                [segment for plan in plans for segment, is_added in plan if not is_added], self._split_all
+            )
+        )
         results = []
         for plan in plans:
             ids: List[int] = []
@@ -333,18 +362,28 @@ def _native_bpe(model: dict):
     merges with characters outside the byte-level alphabet can never match a piece; C++ leaves them out.
     """
     try:
-        from megalign import _helpers
+        import megalign._helpers as _helpers
     except ImportError:
         return None
-    if (model.get("continuing_subword_prefix") is not None or model.get("end_of_word_suffix") is not None
-            or model.get("byte_fallback") or model.get("dropout") or not isinstance(model.get("vocab"), dict)
-            or not isinstance(model.get("merges", []), list)):
+    if (
+        model.get("continuing_subword_prefix") is not None
+        or model.get("end_of_word_suffix") is not None
+        or model.get("byte_fallback")
+        or model.get("dropout")
+        or not isinstance(model.get("vocab"), dict)
+        or not isinstance(model.get("merges", []), list)
+    ):
         return None
     alphabet = _byte_level_alphabet()
     try:
-        return _helpers.ByteLevelBPE(model["vocab"], model.get("merges", []), bool(model.get("ignore_merges", False)),
-                                     [ord(alphabet[byte]) for byte in range(256)], _whitespace_code_points(),
-                                     _CACHE_LIMIT)
+        return _helpers.ByteLevelBPE(
+            model["vocab"],
+            model.get("merges", []),
+            bool(model.get("ignore_merges", False)),
+            [ord(alphabet[byte]) for byte in range(256)],
+            _whitespace_code_points(),
+            _CACHE_LIMIT,
+        )
     except Exception:  # noqa: BLE001 - e.g. a byte without a token: the tokenizer's own model is used
         return None
 
@@ -372,11 +411,17 @@ def byte_level_bpe_encoder(model_path: str, native: bool = True) -> Optional[Byt
     model = config.get("model") or {}
     pattern = _split_pattern(config.get("pre_tokenizer"))
     added = config.get("added_tokens") or []
-    if (pattern is None or config.get("normalizer") is not None or config.get("truncation") is not None
-            or config.get("padding") is not None or model.get("type") != "BPE" or model.get("dropout")
-            or not _post_processor_is_neutral(config.get("post_processor"))
-            or any(token.get(flag) for token in added for flag in ("lstrip", "rstrip", "single_word"))
-            or any(not token.get("content") for token in added)):
+    if (
+        pattern is None
+        or config.get("normalizer") is not None
+        or config.get("truncation") is not None
+        or config.get("padding") is not None
+        or model.get("type") != "BPE"
+        or model.get("dropout")
+        or not _post_processor_is_neutral(config.get("post_processor"))
+        or any(token.get(flag) for token in added for flag in ("lstrip", "rstrip", "single_word"))
+        or any(not token.get("content") for token in added)
+    ):
         return None
     core = _native_bpe(model) if native else None
     try:

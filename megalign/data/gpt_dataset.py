@@ -11,6 +11,7 @@ of `sequence_length` tokens. Three index arrays, built by the C++ helpers and ca
 They equal megatron-core's for the same data and settings, so a run can switch between megalign
 and Megatron-LM without changing the sample order. docs/datasets.md explains the arrays.
 """
+
 from __future__ import annotations
 
 import enum
@@ -23,14 +24,20 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 import numpy
 import torch
 
+from megalign.config.data_paths import Blend, parse_split, split_matrix_from_vector
 from megalign.data.index_cache import ArraySpec, IndexCache, description_hash, split_description
-from megalign.data.index_helpers import GPTIndexPlan, SampleReader, build_gpt_indices, plan_gpt_indices, summarize_lengths
+from megalign.data.index_helpers import (
+    GPTIndexPlan,
+    SampleReader,
+    build_gpt_indices,
+    plan_gpt_indices,
+    summarize_lengths,
+)
 from megalign.data.indexed_dataset import IndexedDataset
 from megalign.errors import ConfigError, DataFormatError
 
 logger = logging.getLogger(__name__)
 
-Blend = Tuple[List[str], Optional[List[float]]]
 _SEED_MAX = 2**32 - 1
 
 
@@ -67,7 +74,10 @@ def _check_blend(blend: Any, name: str) -> None:
         )
         for weight in weights:
             _require(
-                isinstance(weight, (int, float)) and not isinstance(weight, bool) and numpy.isfinite(weight) and weight > 0,
+                isinstance(weight, (int, float))
+                and not isinstance(weight, bool)
+                and numpy.isfinite(weight)
+                and weight > 0,
                 name,
                 f"weights must be positive numbers, got {weight!r}",
             )
@@ -117,7 +127,11 @@ class GPTDatasetConfig:
             "eod_token",
             f"must be the tokenizer's end-of-document id (a non-negative integer), got {self.eod_token!r}",
         )
-        _require(self.pad_token is None or _is_int(self.pad_token), "pad_token", f"must be an integer or None, got {self.pad_token!r}")
+        _require(
+            self.pad_token is None or _is_int(self.pad_token),
+            "pad_token",
+            f"must be an integer or None, got {self.pad_token!r}",
+        )
         for name in (
             "reset_position_ids",
             "reset_attention_mask",
@@ -140,8 +154,6 @@ class GPTDatasetConfig:
         self._check_blends()
 
     def _check_blends(self) -> None:
-        from megalign.data.dataset_builder import parse_split, split_matrix_from_vector
-
         if self.blend_per_split is not None and any(blend is not None for blend in self.blend_per_split):
             _require(self.blend is None, "blend", "blend and blend_per_split cannot be used together")
             _require(self.split is None, "split", "split applies to blend, not to blend_per_split; drop it")
@@ -217,7 +229,9 @@ class GPTDataset(torch.utils.data.Dataset):
         self.dataset_path = str(dataset_path)
         begin, end = (int(document_range[0]), int(document_range[1]))
         if not 0 <= begin <= end <= len(indexed_dataset):
-            raise ConfigError(f"document_range: [{begin}, {end}) is not inside the {len(indexed_dataset)} sequences of {dataset_path}")
+            raise ConfigError(
+                f"document_range: [{begin}, {end}) is not inside the {len(indexed_dataset)} sequences of {dataset_path}"
+            )
         if num_samples is not None and (not _is_int(num_samples) or num_samples < 0):
             raise ConfigError(f"num_samples: must be a non-negative integer or None, got {num_samples!r}")
         self.document_range = (begin, end)
@@ -283,7 +297,9 @@ class GPTDataset(torch.utils.data.Dataset):
                 max(plan.document_index_size, self.summary.max_length + 1),
                 _sample_index_check(plan.document_index_size, self.summary.max_length),
             ),
-            ArraySpec("shuffle_index", plan.shuffle_index_dtype, (plan.shuffle_index_size,), 0, max(plan.num_samples, 1)),
+            ArraySpec(
+                "shuffle_index", plan.shuffle_index_dtype, (plan.shuffle_index_size,), 0, max(plan.num_samples, 1)
+            ),
         ]
 
     def _build(self) -> Dict[str, numpy.ndarray]:
@@ -341,7 +357,9 @@ class GPTDataset(torch.utils.data.Dataset):
         try:
             tokens, labels, loss_mask, position_ids, segment_ids = reader.read(idx)
         except ValueError as error:
-            raise DataFormatError(f"{self.dataset_path}: sample {idx} of the {self.index_split.name} split: {error}") from error
+            raise DataFormatError(
+                f"{self.dataset_path}: sample {idx} of the {self.index_split.name} split: {error}"
+            ) from error
         sample = {
             "tokens": torch.from_numpy(tokens),
             "labels": torch.from_numpy(labels),

@@ -15,6 +15,7 @@ wait at a barrier; in every case building happens under an fcntl lock on `{entry
 concurrent processes (several ranks on one node, independent jobs) never build the same files twice:
 the first builds, the others wait and then load.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -69,11 +70,17 @@ class ArraySpec:
         return self.check(array) if self.check is not None else None
 
 
-def split_description(dataset: object, dataset_path: str, index_split_name: str, document_range: Tuple[int, int],
-                      num_samples: int) -> Dict[str, Any]:
+def split_description(
+    dataset: object, dataset_path: str, index_split_name: str, document_range: Tuple[int, int], num_samples: int
+) -> Dict[str, Any]:
     """The fields every split dataset's description starts with (its class, file, split and size)."""
-    return {"class": type(dataset).__name__, "dataset_path": dataset_path, "index_split": index_split_name,
-            "document_range": list(document_range), "num_samples": num_samples}
+    return {
+        "class": type(dataset).__name__,
+        "dataset_path": dataset_path,
+        "index_split": index_split_name,
+        "document_range": list(document_range),
+        "num_samples": num_samples,
+    }
 
 
 def description_hash(description: Dict[str, Any]) -> str:
@@ -212,7 +219,9 @@ class IndexCache:
         """A CacheEntry in this cache's directory; `check` validates the arrays together."""
         return CacheEntry(self.directory, kind, split, dict(description), tuple(specs), check)
 
-    def load_or_build(self, entry: CacheEntry, build: Callable[[], Dict[str, numpy.ndarray]]) -> Dict[str, numpy.ndarray]:
+    def load_or_build(
+        self, entry: CacheEntry, build: Callable[[], Dict[str, numpy.ndarray]]
+    ) -> Dict[str, numpy.ndarray]:
         """The entry's arrays: loaded (memory-mapped) when a valid copy exists, else built and written."""
         rank = _distributed_rank() if self.synchronize else None
         if rank is None:
@@ -223,7 +232,9 @@ class IndexCache:
         dist.barrier()
         return arrays if arrays is not None else self._load_or_build(entry, build)
 
-    def _load_or_build(self, entry: CacheEntry, build: Callable[[], Dict[str, numpy.ndarray]]) -> Dict[str, numpy.ndarray]:
+    def _load_or_build(
+        self, entry: CacheEntry, build: Callable[[], Dict[str, numpy.ndarray]]
+    ) -> Dict[str, numpy.ndarray]:
         arrays, problem = _load(entry)
         if arrays is not None:
             logger.info("loaded %s %s indices from %s", entry.kind, entry.split, entry.stem)
@@ -245,7 +256,9 @@ class IndexCache:
                 logger.warning("rebuilding %s %s indices: %s", entry.kind, entry.split, problem)
             return self._build_and_write(entry, build)
 
-    def _build_and_write(self, entry: CacheEntry, build: Callable[[], Dict[str, numpy.ndarray]]) -> Dict[str, numpy.ndarray]:
+    def _build_and_write(
+        self, entry: CacheEntry, build: Callable[[], Dict[str, numpy.ndarray]]
+    ) -> Dict[str, numpy.ndarray]:
         start = time.monotonic()
         arrays = build()
         problem = _validate(entry, arrays)
@@ -269,4 +282,3 @@ class IndexCache:
             ", ".join(f"{name} {array.shape}" for name, array in arrays.items()),
         )
         return arrays
-

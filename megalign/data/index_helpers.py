@@ -4,12 +4,13 @@ The extension computes megatron-core's GPT and blended dataset indices bit for b
 docs/datasets.md); these wrappers check argument types, dtypes and ranges first, so a mistake gives
 a clear Python error instead of undefined behaviour in C++.
 """
+
 from __future__ import annotations
 
 import importlib
 from dataclasses import dataclass
 from types import ModuleType
-from typing import Dict, Optional, Sequence, Tuple
+from typing import Dict, Optional, Sequence, Tuple, TypedDict
 
 import numpy
 
@@ -43,7 +44,11 @@ def _int(value: object, name: str, minimum: Optional[int] = None) -> int:
 
 def _int32_vector(values: numpy.ndarray, name: str) -> numpy.ndarray:
     if not isinstance(values, numpy.ndarray) or values.ndim != 1 or values.dtype != numpy.int32:
-        got = f"{values.dtype} array of shape {values.shape}" if isinstance(values, numpy.ndarray) else type(values).__name__
+        got = (
+            f"{values.dtype} array of shape {values.shape}"
+            if isinstance(values, numpy.ndarray)
+            else type(values).__name__
+        )
         raise TypeError(f"{name} must be a 1-D int32 numpy array, got {got}")
     # Contiguous input is used in place (no copy of a memory-mapped index).
     return values if values.flags.c_contiguous else numpy.ascontiguousarray(values)
@@ -63,6 +68,14 @@ def _document_range(sequence_lengths: numpy.ndarray, begin: int, end: int) -> Tu
     return begin, end
 
 
+class _RawSummary(TypedDict):
+    """The dict the extension's summarize_lengths returns."""
+
+    tokens: int
+    max_length: int
+    fingerprint: int
+
+
 @dataclass(frozen=True)
 class LengthSummary:
     """Tokens in a range of sequences, the longest sequence of the dataset, a fingerprint of the range."""
@@ -76,8 +89,32 @@ def summarize_lengths(sequence_lengths: numpy.ndarray, begin: int, end: int) -> 
     """Sum of sequence_lengths[begin:end], max of all lengths, and a 64-bit hash of the range."""
     lengths = _int32_vector(sequence_lengths, "sequence_lengths")
     begin, end = _document_range(lengths, begin, end)
-    summary = extension().summarize_lengths(lengths, begin, end)
+    summary: _RawSummary = extension().summarize_lengths(lengths, begin, end)
     return LengthSummary(int(summary["tokens"]), int(summary["max_length"]), int(summary["fingerprint"]))
+
+
+class _RawPlan(TypedDict):
+    """The dict the extension's plan_gpt returns (plan_to_dict in csrc/helpers.cpp)."""
+
+    tokens_per_epoch: int
+    num_samples_requested: int  # -1: none requested (one epoch)
+    num_epochs: int
+    separate_final_epoch: bool
+    num_samples_sans_final_epoch: int
+    num_samples: int
+    first_shuffle_size: int
+    document_index_size: int
+    shuffle_index_size: int
+    sample_index_int64: bool
+    shuffle_index_int64: bool
+
+
+class _RawIndices(_RawPlan):
+    """The dict the extension's build_gpt_indices returns: the plan and the three arrays."""
+
+    document_index: numpy.ndarray
+    sample_index: numpy.ndarray
+    shuffle_index: numpy.ndarray
 
 
 @dataclass(frozen=True)
@@ -102,18 +139,18 @@ class GPTIndexPlan:
     shuffle_index_dtype: numpy.dtype
 
     @classmethod
-    def _from_extension(cls, raw: Dict[str, object]) -> "GPTIndexPlan":
-        requested = int(raw["num_samples_requested"])  # type: ignore[arg-type]
+    def _from_extension(cls, raw: _RawPlan) -> "GPTIndexPlan":
+        requested = int(raw["num_samples_requested"])
         return cls(
-            tokens_per_epoch=int(raw["tokens_per_epoch"]),  # type: ignore[arg-type]
+            tokens_per_epoch=int(raw["tokens_per_epoch"]),
             num_samples_requested=None if requested < 0 else requested,
-            num_epochs=int(raw["num_epochs"]),  # type: ignore[arg-type]
+            num_epochs=int(raw["num_epochs"]),
             separate_final_epoch=bool(raw["separate_final_epoch"]),
-            num_samples_sans_final_epoch=int(raw["num_samples_sans_final_epoch"]),  # type: ignore[arg-type]
-            num_samples=int(raw["num_samples"]),  # type: ignore[arg-type]
-            first_shuffle_size=int(raw["first_shuffle_size"]),  # type: ignore[arg-type]
-            document_index_size=int(raw["document_index_size"]),  # type: ignore[arg-type]
-            shuffle_index_size=int(raw["shuffle_index_size"]),  # type: ignore[arg-type]
+            num_samples_sans_final_epoch=int(raw["num_samples_sans_final_epoch"]),
+            num_samples=int(raw["num_samples"]),
+            first_shuffle_size=int(raw["first_shuffle_size"]),
+            document_index_size=int(raw["document_index_size"]),
+            shuffle_index_size=int(raw["shuffle_index_size"]),
             sample_index_dtype=numpy.dtype(numpy.int64 if raw["sample_index_int64"] else numpy.int32),
             shuffle_index_dtype=numpy.dtype(numpy.int64 if raw["shuffle_index_int64"] else numpy.uint32),
         )
@@ -129,7 +166,7 @@ def plan_gpt_indices(
     drop_last_partial_sequence: bool = True,
 ) -> GPTIndexPlan:
     """Epochs, separate-final-epoch decision, sample count and array layout (num_samples None: one epoch)."""
-    raw = extension().plan_gpt(
+    raw: _RawPlan = extension().plan_gpt(
         _int(tokens_per_epoch, "tokens_per_epoch", 1),
         -1 if num_samples is None else _int(num_samples, "num_samples", 0),
         _int(sequence_length, "sequence_length", 1),
@@ -182,7 +219,7 @@ def build_gpt_indices(
         summary = summarize_lengths(lengths, begin, end)
     if summary.tokens <= 0:
         raise ValueError(f"sequences [{begin}, {end}) hold no tokens")
-    raw = extension().build_gpt_indices(
+    raw: _RawIndices = extension().build_gpt_indices(
         lengths,
         begin,
         end,
@@ -194,7 +231,9 @@ def build_gpt_indices(
         summary.tokens,
         summary.max_length,
     )
-    return GPTIndices(raw["document_index"], raw["sample_index"], raw["shuffle_index"], GPTIndexPlan._from_extension(raw))
+    return GPTIndices(
+        raw["document_index"], raw["sample_index"], raw["shuffle_index"], GPTIndexPlan._from_extension(raw)
+    )
 
 
 def build_sample_index(
@@ -232,7 +271,9 @@ def build_exhaustive_blending_indices(sizes: Sequence[int]) -> Tuple[numpy.ndarr
     """Blending indices that take exactly sizes[i] samples from dataset i, interleaved by share."""
     values = numpy.asarray(sizes)
     if values.ndim != 1 or not 1 <= values.size <= 32767 or values.dtype.kind not in "iu":
-        raise ValueError(f"sizes must be a flat list of 1 to 32767 integers, got {values.dtype} of shape {values.shape}")
+        raise ValueError(
+            f"sizes must be a flat list of 1 to 32767 integers, got {values.dtype} of shape {values.shape}"
+        )
     if numpy.any(values < 0):
         raise ValueError(f"sizes must be non-negative, got {values.tolist()}")
     return extension().build_exhaustive_blending_indices(values.astype(numpy.int64))

@@ -16,6 +16,7 @@ move both ways. The reader validates the whole layout on open and raises DataFor
 file and the mismatch; the builder streams tokens to temporary siblings and only renames them into
 place in finalize(). See docs/formats.md.
 """
+
 from __future__ import annotations
 
 import array
@@ -25,7 +26,7 @@ import os
 import shutil
 import struct
 from types import TracebackType
-from typing import Any, Iterator, List, Optional, Sequence, Tuple, Type, Union
+from typing import Any, Iterator, List, Optional, Sequence, Tuple, Type, Union, overload
 
 import numpy
 
@@ -130,12 +131,14 @@ class _Index:
         with _readable(idx_path), open(idx_path, "rb") as handle:
             header = handle.read(HEADER_SIZE)
             if not MAGIC.startswith(header[: len(MAGIC)]):
-                raise _corrupt(idx_path, f"wrong magic {header[:len(MAGIC)]!r} (expected {MAGIC!r})")
+                raise _corrupt(idx_path, f"wrong magic {header[: len(MAGIC)]!r} (expected {MAGIC!r})")
             if len(header) < HEADER_SIZE:
                 raise _corrupt(idx_path, f"index is {size} bytes, shorter than its {HEADER_SIZE}-byte header")
             _, version, code, num_sequences, num_boundaries = _HEADER.unpack(header)
             if version != VERSION:
-                raise _corrupt(idx_path, f"unknown index version {version} (this reader knows MMIDIDX version {VERSION})")
+                raise _corrupt(
+                    idx_path, f"unknown index version {version} (this reader knows MMIDIDX version {VERSION})"
+                )
             if code not in DTYPE_CODES:
                 raise _corrupt(idx_path, f"unknown dtype code {code} (known: {sorted(DTYPE_CODES)})")
             expected = HEADER_SIZE + num_sequences * 12 + num_boundaries * 8
@@ -149,7 +152,9 @@ class _Index:
                     if extra == num_sequences
                     else "trailing data"
                 )
-                raise _corrupt(idx_path, f"index is {size} bytes but {counts} ({expected} bytes): {extra} bytes of {what}")
+                raise _corrupt(
+                    idx_path, f"index is {size} bytes but {counts} ({expected} bytes): {extra} bytes of {what}"
+                )
             self._mmap = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ)
         self.dtype, self.code = dtype_code(DTYPE_CODES[code])
         offset = HEADER_SIZE
@@ -272,6 +277,12 @@ class IndexedDataset:
         start = int(self.sequence_pointers[position]) // self.dtype.itemsize + offset
         return self._tokens[start : start + length]
 
+    @overload
+    def __getitem__(self, idx: int) -> numpy.ndarray: ...
+
+    @overload
+    def __getitem__(self, idx: slice) -> List[numpy.ndarray]: ...
+
     def __getitem__(self, idx: Union[int, slice]) -> Union[numpy.ndarray, List[numpy.ndarray]]:
         """Sequence `idx`, or a list of sequences for a slice."""
         if isinstance(idx, slice):
@@ -289,7 +300,7 @@ class IndexedDataset:
         return {"path_prefix": self.path_prefix}  # worker processes reopen the files
 
     def __setstate__(self, state: dict) -> None:
-        self.__init__(state["path_prefix"])
+        type(self).__init__(self, state["path_prefix"])
 
     def __repr__(self) -> str:
         return (
@@ -369,7 +380,7 @@ class IndexedDatasetBuilder:
 
     def _write(self, values: numpy.ndarray) -> None:
         if values.size:
-            self._file.write(memoryview(values).cast("B"))
+            self._file.write(values.data.cast("B"))
 
     def add_item(self, tokens: Any) -> None:
         """Append one sequence to the current document (close it with end_document())."""
@@ -398,7 +409,8 @@ class IndexedDatasetBuilder:
             raise DataFormatError(f"{self.bin_path}: sequence lengths must be in [0, 2**31 - 1], got {sizes.tolist()}")
         if int(sizes.sum()) != values.size:
             raise DataFormatError(
-                f"{self.bin_path}: document of {values.size} tokens given sequence lengths summing to {int(sizes.sum())}"
+                f"{self.bin_path}: document of {values.size} tokens given sequence lengths summing to "
+                f"{int(sizes.sum())}"
             )
         self._write(values)
         self._lengths.frombytes(sizes.astype(numpy.int32).tobytes())
@@ -449,21 +461,23 @@ class IndexedDatasetBuilder:
     def finalize(self) -> None:
         """Close the open document, write the index, and move .bin then .idx into place."""
         self._check_open()
+        tmp_bin = self._tmp_bin
+        assert tmp_bin is not None  # set in __init__, cleared only once finalized or aborted
         try:
             self._close_pending_document()
             self._file.flush()
             os.fsync(self._file.fileno())
             self._file.close()
-            self._tmp_idx = temporary_sibling(self.idx_path)
-            self._write_index(self._tmp_idx)
-            for tmp in (self._tmp_bin, self._tmp_idx):
+            tmp_idx = self._tmp_idx = temporary_sibling(self.idx_path)
+            self._write_index(tmp_idx)
+            for tmp in (tmp_bin, tmp_idx):
                 _permissions_from_umask(tmp)
             # Drop an old index first: between the two renames no complete-looking dataset exists.
             with contextlib.suppress(FileNotFoundError):
                 os.remove(self.idx_path)
-            os.replace(self._tmp_bin, self.bin_path)
+            os.replace(tmp_bin, self.bin_path)
             self._tmp_bin = None
-            os.replace(self._tmp_idx, self.idx_path)
+            os.replace(tmp_idx, self.idx_path)
             self._tmp_idx = None
             fsync_dir(os.path.dirname(os.path.abspath(self.idx_path)) or ".")
         except BaseException:

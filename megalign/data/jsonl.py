@@ -10,6 +10,7 @@ when the caller skips bad records, a count by reason in a BadRecordStats.
 Lines are decoded one at a time (strict UTF-8), so an invalid byte is reported at its own line.
 Blank lines are skipped silently but still counted, so line numbers match what an editor shows.
 """
+
 from __future__ import annotations
 
 import glob
@@ -19,9 +20,12 @@ import json
 import os
 import zlib
 from dataclasses import dataclass, field
-from typing import BinaryIO, Dict, Iterator, List, Optional, Sequence, TextIO, Tuple
+from typing import TYPE_CHECKING, BinaryIO, Dict, Iterator, List, Optional, Sequence, Set, TextIO, Tuple, Type, cast
 
 from megalign.errors import BadRecordError, DataFormatError
+
+if TYPE_CHECKING:
+    from _typeshed import WriteableBuffer
 
 #: File name endings recognised as JSONL inputs (a directory given as input expands to these).
 JSONL_SUFFIXES = (".jsonl", ".jsonl.gz", ".jsonl.zst", ".jsonl.zstd")
@@ -52,7 +56,7 @@ def expand_inputs(patterns: Sequence[str]) -> List[str]:
     """
     if not patterns:
         raise DataFormatError("no input given: pass at least one JSONL file or glob pattern")
-    found = set()
+    found: Set[str] = set()
     for pattern in patterns:
         if os.path.isdir(pattern):
             matches = [
@@ -102,10 +106,11 @@ def decompressing_reader(source: BinaryIO, path: str, close_source: bool = False
     if kind == "gzip":
         reader = gzip.GzipFile(filename=path, mode="rb", fileobj=source)
         if close_source:
-            reader.myfileobj = source  # GzipFile closes `myfileobj` on close()
-        return reader  # type: ignore[return-value]
+            # GzipFile closes `myfileobj` on close(); typeshed declares it a FileIO, but any binary file will do.
+            reader.myfileobj = source  # type: ignore[assignment]
+        return cast(BinaryIO, reader)  # a GzipFile is a binary file (typeshed does not derive it from BinaryIO)
     if kind == "zstd":
-        return io.BufferedReader(_ZstdReader(source, close_source), buffer_size=1 << 20)  # type: ignore[return-value]
+        return io.BufferedReader(_ZstdReader(source, close_source), buffer_size=1 << 20)
     return source
 
 
@@ -132,7 +137,7 @@ class _ZstdReader(io.RawIOBase):
     def readable(self) -> bool:
         return True
 
-    def readinto(self, buffer) -> int:  # type: ignore[override]
+    def readinto(self, buffer: WriteableBuffer) -> int:
         while not self._pending:  # (an empty feed happens mid-frame: read on)
             compressed = self._file.read(self._CHUNK)
             if not compressed:
@@ -140,8 +145,9 @@ class _ZstdReader(io.RawIOBase):
                     raise EOFError("zstd stream ends inside a frame")
                 return 0
             self._pending = self._feed(compressed)
-        count = min(len(buffer), len(self._pending) - self._offset)
-        buffer[:count] = self._pending[self._offset : self._offset + count]
+        view = memoryview(buffer)  # BufferedReader passes a memoryview of bytes already
+        count = min(len(view), len(self._pending) - self._offset)
+        view[:count] = self._pending[self._offset : self._offset + count]
         self._offset += count
         if self._offset == len(self._pending):
             self._pending, self._offset = b"", 0
@@ -203,8 +209,8 @@ def count_lines(path: str) -> int:
     return lines + (last != b"\n")
 
 
-def _stream_errors() -> Tuple[type, ...]:
-    errors: Tuple[type, ...] = (OSError, EOFError, zlib.error)
+def _stream_errors() -> Tuple[Type[BaseException], ...]:
+    errors: Tuple[Type[BaseException], ...] = (OSError, EOFError, zlib.error)
     try:
         import zstandard
 
@@ -258,7 +264,7 @@ def parse_record(raw: bytes, json_keys: Sequence[str] = ("text",)) -> dict:
     Raises RecordProblem with one of BAD_RECORD_REASONS.
     """
     if raw.startswith(_UTF8_BOM):
-        raw = raw[len(_UTF8_BOM):]
+        raw = raw[len(_UTF8_BOM) :]
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as error:

@@ -5,6 +5,7 @@ their documents at once and is readable by Megatron-LM. Like Megatron-LM's tools
 --input also accepts a directory: every complete PREFIX.bin/PREFIX.idx pair in it, sorted by name.
 Nothing appears at --output-prefix until the merged dataset is complete.
 """
+
 from __future__ import annotations
 
 import argparse

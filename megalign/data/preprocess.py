@@ -12,6 +12,7 @@ the parts are merged in input order, so the output is byte-identical whatever --
 files are split into byte ranges at line starts that each worker reads itself. Nothing appears at the
 output paths until the whole run has succeeded; a failed run leaves earlier outputs as they were.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -92,19 +93,30 @@ class PreprocessSummary:
             lines.append(f"  {key}: {prefix}.{{bin,idx}} ({self.tokens[key]:,} tokens, {self.dtype}{empty})")
         if self.loss_mask_output:
             share = self.loss_tokens / max(1, total_tokens)
-            lines.append(f"  loss mask: {self.loss_mask_output}.{{bin,idx}} ({self.loss_tokens:,} tokens trained on, "
-                         f"{share:.1%}; uint8)")
+            lines.append(
+                f"  loss mask: {self.loss_mask_output}.{{bin,idx}} ({self.loss_tokens:,} tokens trained on, "
+                f"{share:.1%}; uint8)"
+            )
         lines.append(f"  {self.skipped.summary()}")
         lines += [f"    {example}" for example in self.skipped.examples]
         return "\n".join(lines)
 
     def to_dict(self) -> dict:
         """JSON-serialisable form."""
-        return {"outputs": self.outputs, "files": self.files, "documents": self.documents, "tokens": self.tokens,
-                "empty_documents": self.empty_documents, "input_bytes": self.input_bytes,
-                "seconds": self.seconds, "dtype": self.dtype, "skipped": self.skipped.to_dict(),
-                "tokenizer": self.tokenizer, "loss_mask_output": self.loss_mask_output,
-                "loss_tokens": self.loss_tokens}
+        return {
+            "outputs": self.outputs,
+            "files": self.files,
+            "documents": self.documents,
+            "tokens": self.tokens,
+            "empty_documents": self.empty_documents,
+            "input_bytes": self.input_bytes,
+            "seconds": self.seconds,
+            "dtype": self.dtype,
+            "skipped": self.skipped.to_dict(),
+            "tokenizer": self.tokenizer,
+            "loss_mask_output": self.loss_mask_output,
+            "loss_tokens": self.loss_tokens,
+        }
 
 
 def output_prefix_for(output_prefix: str, key: str) -> str:
@@ -112,15 +124,20 @@ def output_prefix_for(output_prefix: str, key: str) -> str:
     return f"{output_prefix}_{key}_document"
 
 
-def _check_arguments(output_prefix: str, json_keys: Optional[Sequence[str]], workers: int, sft: bool,
-                     append_eod: bool) -> Tuple[str, ...]:
+def _check_arguments(
+    output_prefix: str, json_keys: Optional[Sequence[str]], workers: int, sft: bool, append_eod: bool
+) -> Tuple[str, ...]:
     """The JSON keys to tokenize (none with sft), after checking the flags."""
     if sft and json_keys is not None:
-        raise ConfigError("--json-keys cannot be used with --sft: SFT records hold 'messages' (or 'prompt' and "
-                          "'response'); drop --json-keys")
+        raise ConfigError(
+            "--json-keys cannot be used with --sft: SFT records hold 'messages' (or 'prompt' and "
+            "'response'); drop --json-keys"
+        )
     if sft and append_eod:
-        raise ConfigError("--append-eod cannot be used with --sft: the chat template's end-of-turn marker ends "
-                          "every reply; drop --append-eod")
+        raise ConfigError(
+            "--append-eod cannot be used with --sft: the chat template's end-of-turn marker ends "
+            "every reply; drop --append-eod"
+        )
     if workers < 1:
         raise ConfigError(f"--workers must be at least 1, got {workers}")
     if not output_prefix or output_prefix.endswith(os.sep) or os.path.isdir(output_prefix):
@@ -215,8 +232,9 @@ def preprocess(
     os.makedirs(out_dir, exist_ok=True)
     work_dir = tempfile.mkdtemp(prefix=f".{os.path.basename(output_prefix)}.preprocess-", dir=out_dir)
     try:
-        job = Job(tokenizer_type, tokenizer_model, vocab_size, keys, append_eod, skip_bad_records, work_dir,
-                  dtype.name, sft)
+        job = Job(
+            tokenizer_type, tokenizer_model, vocab_size, keys, append_eod, skip_bad_records, work_dir, dtype.name, sft
+        )
         results = run_units(job, paths, workers, chunk_bytes, log_interval, progress)
         outputs = _merge_and_commit(results, job, output_prefix)
     finally:
@@ -239,7 +257,7 @@ def preprocess(
         dtype=dtype.name,
         skipped=skipped,
         tokenizer=f"{tokenizer_type}, vocab {tokenizer.vocab_size}"
-                  + (" (exact byte-level BPE fast path)" if any(result.fast_path for result in results) else ""),
+        + (" (exact byte-level BPE fast path)" if any(result.fast_path for result in results) else ""),
         loss_mask_output=mask_output,
         loss_tokens=sum(result.loss_tokens for result in results),
     )
@@ -251,44 +269,93 @@ def preprocess(
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Megatron-LM's tools/preprocess_data.py flags (those whose concept megalign shares)."""
     group = parser.add_argument_group("input")
-    group.add_argument("--input", nargs="+", required=True, metavar="GLOB",
-                       help="JSONL files (.jsonl, .jsonl.gz, .jsonl.zst), directories or quoted globs")
-    group.add_argument("--json-keys", nargs="+", default=None, metavar="KEY",
-                       help="keys of each record to tokenize; one dataset per key (default: text; not with --sft)")
-    group.add_argument("--sft", action="store_true",
-                       help="records are conversations ({\"messages\": [{role, content}, ...]} or {\"prompt\", "
-                            "\"response\", \"system\"?}) rendered with the tokenizer's chat template; writes "
-                            "P_sft_document and its uint8 loss mask P_sft_document_loss_mask (1 on assistant replies)")
-    group.add_argument("--skip-bad-records", action="store_true",
-                       help="skip malformed lines, missing or non-string keys and invalid UTF-8, and count them "
-                            "in the summary (default: stop with FILE:LINE)")
+    group.add_argument(
+        "--input",
+        nargs="+",
+        required=True,
+        metavar="GLOB",
+        help="JSONL files (.jsonl, .jsonl.gz, .jsonl.zst), directories or quoted globs",
+    )
+    group.add_argument(
+        "--json-keys",
+        nargs="+",
+        default=None,
+        metavar="KEY",
+        help="keys of each record to tokenize; one dataset per key (default: text; not with --sft)",
+    )
+    group.add_argument(
+        "--sft",
+        action="store_true",
+        help='records are conversations ({"messages": [{role, content}, ...]} or {"prompt", '
+        '"response", "system"?}) rendered with the tokenizer\'s chat template; writes '
+        "P_sft_document and its uint8 loss mask P_sft_document_loss_mask (1 on assistant replies)",
+    )
+    group.add_argument(
+        "--skip-bad-records",
+        action="store_true",
+        help="skip malformed lines, missing or non-string keys and invalid UTF-8, and count them "
+        "in the summary (default: stop with FILE:LINE)",
+    )
     group = parser.add_argument_group("tokenizer")
-    group.add_argument("--tokenizer-type", required=True, choices=TOKENIZER_TYPES, metavar="TYPE",
-                       help=f"one of {', '.join(TOKENIZER_TYPES)}")
-    group.add_argument("--tokenizer-model", default=None, metavar="PATH",
-                       help="SentencePiece .model, tokenizer.json (or its folder), or .tiktoken / Megatron JSON")
-    group.add_argument("--vocab-size", type=int, default=None, metavar="N",
-                       help="NullTokenizer only: ids 0..N-1, end-of-document id N")
-    group.add_argument("--append-eod", action="store_true",
-                       help="append the end-of-document id after every non-empty document")
+    group.add_argument(
+        "--tokenizer-type",
+        required=True,
+        choices=TOKENIZER_TYPES,
+        metavar="TYPE",
+        help=f"one of {', '.join(TOKENIZER_TYPES)}",
+    )
+    group.add_argument(
+        "--tokenizer-model",
+        default=None,
+        metavar="PATH",
+        help="SentencePiece .model, tokenizer.json (or its folder), or .tiktoken / Megatron JSON",
+    )
+    group.add_argument(
+        "--vocab-size", type=int, default=None, metavar="N", help="NullTokenizer only: ids 0..N-1, end-of-document id N"
+    )
+    group.add_argument(
+        "--append-eod", action="store_true", help="append the end-of-document id after every non-empty document"
+    )
     group = parser.add_argument_group("output")
-    group.add_argument("--output-prefix", required=True, metavar="P",
-                       help="writes P_{key}_document.bin and P_{key}_document.idx for every --json-keys key "
-                            "(--sft: P_sft_document and P_sft_document_loss_mask)")
+    group.add_argument(
+        "--output-prefix",
+        required=True,
+        metavar="P",
+        help="writes P_{key}_document.bin and P_{key}_document.idx for every --json-keys key "
+        "(--sft: P_sft_document and P_sft_document_loss_mask)",
+    )
     group = parser.add_argument_group("runtime")
-    group.add_argument("--workers", type=int, default=1, metavar="N",
-                       help="worker processes tokenizing in parallel (output does not depend on it; default 1)")
-    group.add_argument("--log-interval", type=float, default=5.0, metavar="SECONDS",
-                       help="seconds between progress lines (Megatron counts documents here; default 5)")
+    group.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        metavar="N",
+        help="worker processes tokenizing in parallel (output does not depend on it; default 1)",
+    )
+    group.add_argument(
+        "--log-interval",
+        type=float,
+        default=5.0,
+        metavar="SECONDS",
+        help="seconds between progress lines (Megatron counts documents here; default 5)",
+    )
 
 
 def main(args: argparse.Namespace) -> int:
     """Run `megalign preprocess` and print the summary."""
     try:
         summary = preprocess(
-            args.input, args.output_prefix, args.tokenizer_type, args.tokenizer_model,
-            vocab_size=args.vocab_size, json_keys=args.json_keys, append_eod=args.append_eod, sft=args.sft,
-            workers=args.workers, skip_bad_records=args.skip_bad_records, log_interval=args.log_interval,
+            args.input,
+            args.output_prefix,
+            args.tokenizer_type,
+            args.tokenizer_model,
+            vocab_size=args.vocab_size,
+            json_keys=args.json_keys,
+            append_eod=args.append_eod,
+            sft=args.sft,
+            workers=args.workers,
+            skip_bad_records=args.skip_bad_records,
+            log_interval=args.log_interval,
         )
     except BadRecordError as error:
         if args.skip_bad_records:

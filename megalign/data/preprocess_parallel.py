@@ -7,6 +7,7 @@ unit and JSON key (with --sft: per unit, a tokens and a loss-mask dataset, see m
 megalign.data.preprocess merges them in unit order, so the result does not depend on the number of
 workers. Only small messages (units, progress counts, results) cross processes.
 """
+
 from __future__ import annotations
 
 import itertools
@@ -17,7 +18,7 @@ import queue
 import signal
 import traceback
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, cast
 
 import numpy
 
@@ -75,11 +76,16 @@ def _line_starts(path: str, size: int, chunk: int) -> List[int]:
     return bounds
 
 
+def _count_lines_of(paths: List[str]) -> List[int]:
+    """count_lines of each path, in this process."""
+    return [count_lines(path) for path in paths]
+
+
 def plan_units(
     paths: Sequence[str],
     workers: int,
     chunk_bytes: Optional[int] = None,
-    line_counter: Callable[[List[str]], List[int]] = lambda paths: [count_lines(p) for p in paths],
+    line_counter: Callable[[List[str]], List[int]] = _count_lines_of,
 ) -> List[WorkUnit]:
     """Split the inputs into work units, in input order.
 
@@ -247,10 +253,13 @@ class _UnitProcessor:
         """Tokenize one unit into its partial datasets (one per key); stop at a bad line unless skipping."""
         job = self.job
         parts = job.part_dtypes()
-        result = UnitResult(unit.index, tokens=dict.fromkeys(parts, 0), empty=dict.fromkeys(parts, 0),
-                            fast_path=self.fast_path)
-        builders = {key: IndexedDatasetBuilder(part_prefix(job.work_dir, unit.index, key), dtype)
-                    for key, dtype in parts.items()}
+        result = UnitResult(
+            unit.index, tokens=dict.fromkeys(parts, 0), empty=dict.fromkeys(parts, 0), fast_path=self.fast_path
+        )
+        builders = {
+            key: IndexedDatasetBuilder(part_prefix(job.work_dir, unit.index, key), dtype)
+            for key, dtype in parts.items()
+        }
         reader = _UnitReader(unit)
         batch = _Batch()
         reported = 0
@@ -289,8 +298,15 @@ class _UnitProcessor:
         if len(result.bad_examples) < MAX_EXAMPLES:
             result.bad_examples.append(bad)
 
-    def _encode(self, unit: WorkUnit, batch: _Batch, result: UnitResult, what: str, items: List[Any],
-                encode_many: Callable[[List[Any]], List[Any]]) -> List[Any]:
+    def _encode(
+        self,
+        unit: WorkUnit,
+        batch: _Batch,
+        result: UnitResult,
+        what: str,
+        items: List[Any],
+        encode_many: Callable[[List[Any]], List[Any]],
+    ) -> List[Any]:
         """encode_many(items); an item the tokenizer refuses stops the run, named by FILE:LINE and `what`."""
         try:
             return encode_many(items) if items else []
@@ -303,22 +319,32 @@ class _UnitProcessor:
                     raise _Fatal() from None
             raise
 
-    def _flush(self, unit: WorkUnit, batch: _Batch, builders: Dict[str, IndexedDatasetBuilder],
-               result: UnitResult, consumed: int, reported: int) -> int:
+    def _flush(
+        self,
+        unit: WorkUnit,
+        batch: _Batch,
+        builders: Dict[str, IndexedDatasetBuilder],
+        result: UnitResult,
+        consumed: int,
+        reported: int,
+    ) -> int:
         """Tokenize a batch into the builders and report progress; returns the disk bytes reported so far."""
         tokens = (self._write_sft if self.job.sft else self._write_keys)(unit, batch, builders, result)
         result.documents += len(batch.records)
-        self.report({"in_bytes": consumed - reported, "docs": len(batch.records), "tokens": tokens,
-                     "bytes": batch.bytes})
+        self.report(
+            {"in_bytes": consumed - reported, "docs": len(batch.records), "tokens": tokens, "bytes": batch.bytes}
+        )
         return consumed
 
-    def _write_keys(self, unit: WorkUnit, batch: _Batch, builders: Dict[str, IndexedDatasetBuilder],
-                    result: UnitResult) -> int:
+    def _write_keys(
+        self, unit: WorkUnit, batch: _Batch, builders: Dict[str, IndexedDatasetBuilder], result: UnitResult
+    ) -> int:
         """One document per record in each key's dataset; returns the tokens written."""
         tokens = 0
         for key, builder in builders.items():
-            encoded = self._encode(unit, batch, result, f"key '{key}'", [record[key] for record in batch.records],
-                                   self.encode_batch)
+            encoded = self._encode(
+                unit, batch, result, f"key '{key}'", [record[key] for record in batch.records], self.encode_batch
+            )
             if self.job.append_eod:  # Megatron: EOD only after documents that have tokens
                 eod = self.tokenizer.eod
                 for ids in encoded:
@@ -338,11 +364,18 @@ class _UnitProcessor:
             tokens += total
         return tokens
 
-    def _write_sft(self, unit: WorkUnit, batch: _Batch, builders: Dict[str, IndexedDatasetBuilder],
-                   result: UnitResult) -> int:
+    def _write_sft(
+        self, unit: WorkUnit, batch: _Batch, builders: Dict[str, IndexedDatasetBuilder], result: UnitResult
+    ) -> int:
         """One conversation per record: its tokens and, with the same length, its loss mask."""
-        encoded = self._encode(unit, batch, result, "conversation", batch.records,
-                               lambda items: tokenize_conversations(self.tokenizer, items, self.encode_batch))
+        encoded = self._encode(
+            unit,
+            batch,
+            result,
+            "conversation",
+            batch.records,
+            lambda items: tokenize_conversations(self.tokenizer, items, self.encode_batch),
+        )
         tokens_builder, mask_builder = builders[SFT_KEY], builders[SFT_KEY + LOSS_MASK_SUFFIX]
         tokens = 0
         for ids, mask in encoded:
@@ -363,8 +396,9 @@ def _describe_failure(error: BaseException) -> Tuple[str, str, str]:
 
 def _rebuild_failure(name: str, message: str, trace: str) -> BaseException:
     """The main-process exception for a worker's failure: user errors keep their class and message."""
-    user_errors = {cls.__name__: cls for cls in (MegalignError, DataFormatError, BadRecordError, ConfigError,
-                                                 TokenizerError)}
+    user_errors = {
+        cls.__name__: cls for cls in (MegalignError, DataFormatError, BadRecordError, ConfigError, TokenizerError)
+    }
     if name in user_errors:
         return user_errors[name](message)
     return RuntimeError(f"preprocess worker failed:\n{trace}")
@@ -402,16 +436,21 @@ class _WorkerPool:
         context = multiprocessing.get_context("spawn")  # never fork a process that may hold threads
         self.tasks = context.Queue()
         self.events = context.Queue()
-        self.processes = [context.Process(target=_worker_main, args=(job, self.tasks, self.events), daemon=True,
-                                          name=f"megalign-preprocess-{i}") for i in range(workers)]
+        self.processes = [
+            context.Process(
+                target=_worker_main, args=(job, self.tasks, self.events), daemon=True, name=f"megalign-preprocess-{i}"
+            )
+            for i in range(workers)
+        ]
         for process in self.processes:
             process.start()
 
     def submit(self, kind: str, payload: object) -> None:
         self.tasks.put((kind, payload))
 
-    def gather(self, count: int, on_progress: Callable[[Dict[str, float]], None],
-               on_event: Callable[[tuple], None]) -> None:
+    def gather(
+        self, count: int, on_progress: Callable[[Dict[str, float]], None], on_event: Callable[[tuple], None]
+    ) -> None:
         """Pass `count` result events to on_event (progress ones to on_progress); raise a worker's error."""
         while count:
             try:
@@ -484,16 +523,19 @@ def location_of(bad: BadLine) -> str:
     return f"{bad.path}:{line}"
 
 
-def run_units(job: Job, paths: List[str], workers: int, chunk_bytes: Optional[int],
-              log_interval: float, progress: bool) -> List[UnitResult]:
+def run_units(
+    job: Job, paths: List[str], workers: int, chunk_bytes: Optional[int], log_interval: float, progress: bool
+) -> List[UnitResult]:
     """Plan and tokenize every unit (in this process for one worker, else in worker processes).
 
     Returns the results in unit order; raises at the first fatal line (BadRecordError, or
     TokenizerError for a text the tokenizer refuses) or worker failure.
     """
+
     def start_meter(units: List[WorkUnit]) -> ProgressMeter:
-        return ProgressMeter("preprocess", total=sum(u.weight for u in units), unit="in_bytes",
-                             interval=log_interval, enabled=progress)
+        return ProgressMeter(
+            "preprocess", total=sum(u.weight for u in units), unit="in_bytes", interval=log_interval, enabled=progress
+        )
 
     def fail_on(result: UnitResult) -> UnitResult:
         if result.fatal is not None:
@@ -515,14 +557,14 @@ def run_units(job: Job, paths: List[str], workers: int, chunk_bytes: Optional[in
         meter = start_meter(units)
         for unit in units:
             pool.submit("unit", unit)
-        results: List[UnitResult] = [None] * len(units)  # type: ignore[list-item]
+        gathered: List[Optional[UnitResult]] = [None] * len(units)
 
         def store(event: tuple) -> None:
-            results[event[1]] = fail_on(event[2])
+            gathered[event[1]] = fail_on(event[2])
 
         pool.gather(len(units), lambda counts: meter.update(**counts), store)
         meter.close()
         pool.close()
-        return results
+        return cast(List[UnitResult], gathered)  # one result event per unit: every slot is filled
     finally:
         pool.stop()

@@ -6,6 +6,7 @@ micro_batch_size * data_parallel_size consecutive sample ids; data-parallel rank
 checkpoints) resumes the global stream exactly where it stopped, also after a change of the
 data-parallel size or micro-batch size.
 """
+
 from __future__ import annotations
 
 from typing import Iterator, List, Tuple

@@ -20,6 +20,7 @@ the tokens of each prefix end, so training sees the tokens inference produces. T
 id is put first when it has one and the rendered text does not already start with it. No EOD is
 appended: the template's end-of-turn marker ends every reply.
 """
+
 from __future__ import annotations
 
 import itertools
@@ -41,8 +42,12 @@ Encoded = Tuple[List[int], List[int]]  # (token ids, loss mask of 0/1 per token)
 EncodeBatch = Callable[[Sequence[str]], List[List[int]]]
 
 # No system message: some templates refuse one, and records without one must still work with them.
-_PROBE = [{"role": "user", "content": "u"}, {"role": "assistant", "content": "a"},
-          {"role": "user", "content": "v"}, {"role": "assistant", "content": "b"}]
+_PROBE = [
+    {"role": "user", "content": "u"},
+    {"role": "assistant", "content": "a"},
+    {"role": "user", "content": "v"},
+    {"role": "assistant", "content": "b"},
+]
 
 
 def loss_mask_prefix(tokens_prefix: str) -> str:
@@ -62,28 +67,33 @@ def _text(value: object, where: str) -> str:
         value.encode("utf-8")
     except UnicodeEncodeError as error:
         raise RecordProblem(
-            "invalid_utf8", f"{where} holds an unpaired surrogate escape (\\u{ord(value[error.start]):04x}), not valid text"
+            "invalid_utf8",
+            f"{where} holds an unpaired surrogate escape (\\u{ord(value[error.start]):04x}), not valid text",
         ) from None
     return value
 
 
 def _messages_form(messages: object) -> Conversation:
     if not isinstance(messages, list):
-        raise RecordProblem(INVALID_CONVERSATION,
-                            f"key 'messages' holds {_kind(messages)}, expected a list of {{role, content}} objects")
+        raise RecordProblem(
+            INVALID_CONVERSATION,
+            f"key 'messages' holds {_kind(messages)}, expected a list of {{role, content}} objects",
+        )
     conversation: Conversation = []
     for index, message in enumerate(messages):
         where = f"key 'messages': message {index}"
         if not isinstance(message, dict):
-            raise RecordProblem(INVALID_CONVERSATION,
-                                f"{where} is {_kind(message)}, expected an object with 'role' and 'content'")
+            raise RecordProblem(
+                INVALID_CONVERSATION, f"{where} is {_kind(message)}, expected an object with 'role' and 'content'"
+            )
         for field in ("role", "content"):
             if field not in message:
                 raise RecordProblem("missing_key", f"{where} has no '{field}'")
         role = message["role"]
         if not isinstance(role, str) or role not in CHAT_ROLES:
-            raise RecordProblem(INVALID_CONVERSATION,
-                                f"{where} has role {role!r}; expected one of {', '.join(CHAT_ROLES)}")
+            raise RecordProblem(
+                INVALID_CONVERSATION, f"{where} has role {role!r}; expected one of {', '.join(CHAT_ROLES)}"
+            )
         conversation.append({"role": role, "content": _text(message["content"], f"{where} 'content'")})
     if not any(message["role"] == "assistant" for message in conversation):
         raise RecordProblem(INVALID_CONVERSATION, "key 'messages' has no assistant message: nothing to train on")
@@ -103,7 +113,9 @@ def conversation_from_record(record: dict) -> Conversation:
         return _messages_form(record["messages"])
     if "prompt" not in record:
         present = ", ".join(repr(name) for name in list(record)[:8]) or "none"
-        raise RecordProblem("missing_key", f"missing key 'messages' (or 'prompt' and 'response') (keys present: {present})")
+        raise RecordProblem(
+            "missing_key", f"missing key 'messages' (or 'prompt' and 'response') (keys present: {present})"
+        )
     if "response" not in record:
         raise RecordProblem("missing_key", "missing key 'response' (a 'prompt' record needs one)")
     conversation: Conversation = []
@@ -148,7 +160,7 @@ def conversation_segments(tokenizer: Tokenizer, messages: Conversation) -> List[
 
 def _token_cuts(prefix_ids: List[List[int]], full_ids: List[int]) -> Optional[List[int]]:
     """Where each prefix's tokens end inside `full_ids`, or None when one is not a token prefix of it."""
-    cuts = []
+    cuts: List[int] = []
     for ids in prefix_ids:
         if full_ids[: len(ids)] != ids or (cuts and len(ids) < cuts[-1]):
             return None
@@ -156,8 +168,9 @@ def _token_cuts(prefix_ids: List[List[int]], full_ids: List[int]) -> Optional[Li
     return cuts
 
 
-def tokenize_conversations(tokenizer: Tokenizer, conversations: Sequence[Conversation],
-                           encode_batch: Optional[EncodeBatch] = None) -> List[Encoded]:
+def tokenize_conversations(
+    tokenizer: Tokenizer, conversations: Sequence[Conversation], encode_batch: Optional[EncodeBatch] = None
+) -> List[Encoded]:
     """(token ids, loss mask) of each conversation; texts are encoded in few `encode_batch` calls.
 
     `encode_batch` defaults to tokenizer.encode_batch (preprocess passes its faster exact encoder).
@@ -167,7 +180,7 @@ def tokenize_conversations(tokenizer: Tokenizer, conversations: Sequence[Convers
     texts = [text for segments in all_segments for text, _ in segments]
     fulls = ["".join(text for text, _ in segments) for segments in all_segments]
     encoded = encode(texts + fulls) if texts else []
-    pieces, full_ids = iter(encoded[: len(texts)]), encoded[len(texts):]
+    pieces, full_ids = iter(encoded[: len(texts)]), encoded[len(texts) :]
     results: List[Optional[Encoded]] = []
     retry: List[int] = []  # conversations whose segments tokenize differently from the whole text
     for number, segments in enumerate(all_segments):
@@ -199,8 +212,9 @@ def tokenize_conversations(tokenizer: Tokenizer, conversations: Sequence[Convers
     return finished
 
 
-def tokenize_conversation(tokenizer: Tokenizer, messages: Conversation,
-                          encode_batch: Optional[EncodeBatch] = None) -> Encoded:
+def tokenize_conversation(
+    tokenizer: Tokenizer, messages: Conversation, encode_batch: Optional[EncodeBatch] = None
+) -> Encoded:
     """(token ids, loss mask) of one conversation (see tokenize_conversations)."""
     return tokenize_conversations(tokenizer, [messages], encode_batch)[0]
 
@@ -216,6 +230,15 @@ def check_chat_template(tokenizer: Tokenizer) -> None:
         raise TokenizerError(f"--sft needs a tokenizer with a chat template: {message}") from None
 
 
-__all__ = ["INVALID_CONVERSATION", "LOSS_MASK_SUFFIX", "SFT_KEY", "Conversation", "check_chat_template",
-           "conversation_from_record", "conversation_segments", "loss_mask_prefix", "tokenize_conversation",
-           "tokenize_conversations"]
+__all__ = [
+    "INVALID_CONVERSATION",
+    "LOSS_MASK_SUFFIX",
+    "SFT_KEY",
+    "Conversation",
+    "check_chat_template",
+    "conversation_from_record",
+    "conversation_segments",
+    "loss_mask_prefix",
+    "tokenize_conversation",
+    "tokenize_conversations",
+]

@@ -14,6 +14,7 @@ a fresh permutation per epoch from the same generator, for as many epochs as num
 build_sft_datasets cuts each prefix into train/valid/test conversation ranges with --split exactly
 as build_gpt_datasets does, and blends several prefixes with megalign.data.blended_dataset.
 """
+
 from __future__ import annotations
 
 import logging
@@ -24,8 +25,9 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 import numpy
 import torch
 
+from megalign.config.data_paths import parse_data_path
 from megalign.data.blended_dataset import BlendedDataset, normalize
-from megalign.data.dataset_builder import _check_sizes, document_ranges, parse_data_path, samples_per_dataset
+from megalign.data.dataset_builder import _check_sizes, document_ranges, samples_per_dataset
 from megalign.data.gpt_dataset import Blend, GPTDatasetConfig, Split
 from megalign.data.index_cache import description_hash, split_description
 from megalign.data.indexed_dataset import IndexedDataset, data_file_path, index_file_path
@@ -57,8 +59,9 @@ def open_sft_pair(path_prefix: str) -> Tuple[IndexedDataset, IndexedDataset]:
     if mask.dtype != numpy.uint8:
         raise DataFormatError(f"{mask.idx_path}: a loss mask must hold uint8 values, found {mask.dtype.name}")
     if len(tokens) != len(mask):
-        raise DataFormatError(f"{both} do not belong together: {len(tokens)} vs {len(mask)} sequences; "
-                              "re-run megalign preprocess --sft")
+        raise DataFormatError(
+            f"{both} do not belong together: {len(tokens)} vs {len(mask)} sequences; re-run megalign preprocess --sft"
+        )
     if not numpy.array_equal(tokens.sequence_lengths, mask.sequence_lengths):
         at = int(numpy.flatnonzero(tokens.sequence_lengths != mask.sequence_lengths)[0])
         raise DataFormatError(
@@ -66,8 +69,10 @@ def open_sft_pair(path_prefix: str) -> Tuple[IndexedDataset, IndexedDataset]:
             f"{int(mask.sequence_lengths[at])} mask values; re-run megalign preprocess --sft"
         )
     if not numpy.array_equal(tokens.document_indices, numpy.arange(len(tokens) + 1)):
-        raise DataFormatError(f"{tokens.idx_path}: not an SFT dataset (each document must be one conversation, "
-                              "one sequence); write it with megalign preprocess --sft")
+        raise DataFormatError(
+            f"{tokens.idx_path}: not an SFT dataset (each document must be one conversation, "
+            "one sequence); write it with megalign preprocess --sft"
+        )
     if not numpy.array_equal(mask.document_indices, tokens.document_indices):
         raise DataFormatError(f"{both} do not belong together: their document boundaries differ")
     values = numpy.asarray(numpy.memmap(mask.bin_path, dtype=numpy.uint8, mode="r")) if mask.num_tokens else None
@@ -114,7 +119,9 @@ class SFTDataset(torch.utils.data.Dataset):
         count = len(self.tokens)
         begin, end = (0, count) if document_range is None else (int(document_range[0]), int(document_range[1]))
         if not 0 <= begin <= end <= count:
-            raise ConfigError(f"document_range: [{begin}, {end}) is not inside the {count} conversations of {path_prefix}")
+            raise ConfigError(
+                f"document_range: [{begin}, {end}) is not inside the {count} conversations of {path_prefix}"
+            )
         if begin == end and num_samples:
             raise ConfigError(
                 f"split: the {index_split.name} split of {path_prefix} (conversations [{begin}, {end})) is empty but "
@@ -160,8 +167,13 @@ class SFTDataset(torch.utils.data.Dataset):
         if self.num_truncated:
             logger.warning(
                 "%s (%s split): %d of %d conversations are longer than seq_length + 1 = %d tokens and are cut "
-                "(%d of them keep no trained token)", self.dataset_path, self.index_split.name, self.num_truncated,
-                self.num_conversations, window, self.num_without_loss,
+                "(%d of them keep no trained token)",
+                self.dataset_path,
+                self.index_split.name,
+                self.num_truncated,
+                self.num_conversations,
+                window,
+                self.num_without_loss,
             )
 
     def __len__(self) -> int:
@@ -187,8 +199,10 @@ class SFTDataset(torch.utils.data.Dataset):
         }
 
     def __repr__(self) -> str:
-        return (f"SFTDataset({self.dataset_path!r}, split={self.index_split.name}, conversations={self.document_range}, "
-                f"samples={len(self)}, seq={self.seq_length})")
+        return (
+            f"SFTDataset({self.dataset_path!r}, split={self.index_split.name}, conversations={self.document_range}, "
+            f"samples={len(self)}, seq={self.seq_length})"
+        )
 
 
 def truncation_counts(dataset: Optional[SFTSplitDataset]) -> Tuple[int, int, int]:
@@ -196,8 +210,11 @@ def truncation_counts(dataset: Optional[SFTSplitDataset]) -> Tuple[int, int, int
     if dataset is None:
         return 0, 0, 0
     members = dataset.datasets if isinstance(dataset, BlendedDataset) else [dataset]
-    return (sum(member.num_truncated for member in members), sum(member.num_without_loss for member in members),
-            sum(member.num_conversations for member in members))
+    return (
+        sum(member.num_truncated for member in members),
+        sum(member.num_without_loss for member in members),
+        sum(member.num_conversations for member in members),
+    )
 
 
 def _as_blend(prefixes_or_blend: Union[str, Sequence[str], Blend]) -> Blend:
@@ -231,17 +248,32 @@ def build_sft_datasets(
     blend needs a number). A split with a share but no conversations and a size > 0 is a ConfigError.
     """
     blend = _as_blend(prefixes_or_blend)
-    config = GPTDatasetConfig(random_seed=seed, sequence_length=seq_length, blend=blend, split=split,
-                              eod_token=eod_token, pad_token=pad_token,
-                              mid_level_dataset_surplus=mid_level_dataset_surplus)  # validates blend and split
+    config = GPTDatasetConfig(
+        random_seed=seed,
+        sequence_length=seq_length,
+        blend=blend,
+        split=split,
+        eod_token=eod_token,
+        pad_token=pad_token,
+        mid_level_dataset_surplus=mid_level_dataset_surplus,
+    )  # validates blend and split
     sizes = _check_sizes(sizes)
     prefixes, weights = blend
     pairs = [open_sft_pair(prefix) for prefix in prefixes]
     ranges = [document_ranges(len(tokens), config.split_matrix or []) for tokens, _ in pairs]
 
     def member(which: int, split_: Split, num_samples: Optional[int]) -> "SFTDataset":
-        return SFTDataset(prefixes[which], ranges[which][split_.value], num_samples, split_, seq_length=seq_length,
-                          seed=seed, eod_token=eod_token, pad_token=pad_token, pair=pairs[which])
+        return SFTDataset(
+            prefixes[which],
+            ranges[which][split_.value],
+            num_samples,
+            split_,
+            seq_length=seq_length,
+            seed=seed,
+            eod_token=eod_token,
+            pad_token=pad_token,
+            pair=pairs[which],
+        )
 
     datasets: List[Optional[SFTSplitDataset]] = [None] * len(Split)
     for split_ in Split:
@@ -258,8 +290,11 @@ def build_sft_datasets(
         if len(chosen) == 1 and weights is None:
             datasets[split_.value] = member(chosen[0], split_, size)
             continue
-        shares = weights if weights is not None else [
-            ranges[i][split_.value][1] - ranges[i][split_.value][0] for i in chosen]
+        shares = (
+            weights
+            if weights is not None
+            else [ranges[i][split_.value][1] - ranges[i][split_.value][0] for i in chosen]
+        )
         if size is None:  # unweighted, one epoch of each: exhaustive blend of their conversation counts
             members = [member(i, split_, None) for i in chosen]
             datasets[split_.value] = BlendedDataset(members, [len(m) for m in members], None, config)

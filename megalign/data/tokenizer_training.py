@@ -10,6 +10,7 @@ characters at 99.99% coverage with byte fallback; the BPE kinds work on bytes. S
 Llama-3: <|begin_of_text|>, <|end_of_text|>, a pad token and the chat-role tokens (docs/tokenizers.md).
 Training is deterministic for the same inputs and seed; files appear atomically when it finishes.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -27,8 +28,8 @@ from typing import Callable, Dict, Iterable, Iterator, Optional, Sequence
 from megalign.data.jsonl import expand_inputs, iter_records
 from megalign.data.tokenizers import (
     BEGIN_OF_TEXT,
-    END_OF_TEXT,
     END_HEADER,
+    END_OF_TEXT,
     END_OF_TURN,
     LLAMA3_CHAT_TEMPLATE_JINJA,
     LLAMA3_PATTERN,
@@ -51,8 +52,11 @@ KIND_OUTPUTS: Dict[str, tuple] = {
     "tiktoken": ("tokenizer.tiktoken", "TikTokenizer"),
 }
 # Smallest sensible vocabularies: the 256 bytes plus the special tokens (and one merge).
-_MIN_VOCAB = {"sentencepiece": 300, "hf-bpe": 256 + len(TRAINED_SPECIAL_TOKENS) + 1,
-              "tiktoken": 256 + len(LLAMA3_SPECIAL_TOKENS) + 1}
+_MIN_VOCAB = {
+    "sentencepiece": 300,
+    "hf-bpe": 256 + len(TRAINED_SPECIAL_TOKENS) + 1,
+    "tiktoken": 256 + len(LLAMA3_SPECIAL_TOKENS) + 1,
+}
 _SP_MAX_SENTENCE_BYTES = 16384
 _SP_SAMPLE_SENTENCES = 10_000_000  # SentencePiece samples (with the seed) beyond this many lines
 # A fixed thread count: SentencePiece stores it in the model, and unigram scores depend on it, so a
@@ -132,8 +136,14 @@ def train_sentencepiece(texts: Iterable[str], vocab_size: int, model_type: str =
             remove_extra_whitespaces=False,
             allow_whitespace_only_pieces=True,
             add_dummy_prefix=True,
-            unk_id=0, bos_id=1, eos_id=2, pad_id=3,
-            unk_piece="<unk>", bos_piece=BEGIN_OF_TEXT, eos_piece=END_OF_TEXT, pad_piece=PAD,
+            unk_id=0,
+            bos_id=1,
+            eos_id=2,
+            pad_id=3,
+            unk_piece="<unk>",
+            bos_piece=BEGIN_OF_TEXT,
+            eos_piece=END_OF_TEXT,
+            pad_piece=PAD,
             user_defined_symbols=[START_HEADER, END_HEADER, END_OF_TURN],
             hard_vocab_limit=False,
             max_sentence_length=_SP_MAX_SENTENCE_BYTES,
@@ -160,10 +170,12 @@ def _byte_level_bpe(vocab_size: int, special_tokens: Sequence[str]):
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 
     tokenizer = Tokenizer(models.BPE())
-    tokenizer.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(LLAMA3_PATTERN), behavior="isolated", invert=False),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=False, use_regex=False),
-    ])
+    tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(LLAMA3_PATTERN), behavior="isolated", invert=False),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=False, use_regex=False),
+        ]
+    )
     tokenizer.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
@@ -183,13 +195,16 @@ def train_byte_level_bpe(texts: Iterable[str], vocab_size: int, special_tokens: 
     tokenizer.train_from_iterator(texts, trainer)
     if BEGIN_OF_TEXT in special_tokens:
         bos_id = tokenizer.token_to_id(BEGIN_OF_TEXT)
-        tokenizer.post_processor = processors.Sequence([
-            processors.ByteLevel(trim_offsets=False),
-            processors.TemplateProcessing(
-                single=f"{BEGIN_OF_TEXT} $A", pair=f"{BEGIN_OF_TEXT} $A {BEGIN_OF_TEXT} $B:1",
-                special_tokens=[(BEGIN_OF_TEXT, bos_id)],
-            ),
-        ])
+        tokenizer.post_processor = processors.Sequence(
+            [
+                processors.ByteLevel(trim_offsets=False),
+                processors.TemplateProcessing(
+                    single=f"{BEGIN_OF_TEXT} $A",
+                    pair=f"{BEGIN_OF_TEXT} $A {BEGIN_OF_TEXT} $B:1",
+                    special_tokens=[(BEGIN_OF_TEXT, bos_id)],
+                ),
+            ]
+        )
     return tokenizer
 
 
@@ -221,8 +236,10 @@ def ranks_from_byte_level_bpe(tokenizer) -> Dict[bytes, int]:
 
 def tiktoken_lines(ranks: Dict[bytes, int]) -> str:
     """The .tiktoken text: 'base64(token bytes) rank' per line, by rank."""
-    return "".join(f"{base64.b64encode(token).decode('ascii')} {rank}\n"
-                   for token, rank in sorted(ranks.items(), key=lambda item: item[1]))
+    return "".join(
+        f"{base64.b64encode(token).decode('ascii')} {rank}\n"
+        for token, rank in sorted(ranks.items(), key=lambda item: item[1])
+    )
 
 
 def tiktoken_agreement(tokenizer, ranks: Dict[bytes, int], texts: Iterable[str]) -> tuple:
@@ -231,8 +248,10 @@ def tiktoken_agreement(tokenizer, ranks: Dict[bytes, int], texts: Iterable[str])
 
     encoding = tiktoken.Encoding("megalign-check", pat_str=LLAMA3_PATTERN, mergeable_ranks=ranks, special_tokens={})
     decode = {char: byte for byte, char in _byte_to_unicode().items()}
-    rank_of_id = {token_id: ranks[bytes(decode[char] for char in token)]
-                  for token, token_id in tokenizer.get_vocab(with_added_tokens=False).items()}
+    rank_of_id = {
+        token_id: ranks[bytes(decode[char] for char in token)]
+        for token, token_id in tokenizer.get_vocab(with_added_tokens=False).items()
+    }
     agree = checked = 0
     for text in texts:
         expected = [rank_of_id[i] for i in tokenizer.encode(text, add_special_tokens=False).ids]
@@ -253,8 +272,9 @@ def hf_tokenizer_config() -> dict:
     }
 
 
-def _check_arguments(kind: str, vocab_size: int, model_type: str, json_keys: Sequence[str],
-                     max_documents: Optional[int]) -> None:
+def _check_arguments(
+    kind: str, vocab_size: int, model_type: str, json_keys: Sequence[str], max_documents: Optional[int]
+) -> None:
     if kind not in TOKENIZER_KINDS:
         raise ConfigError(f"--tokenizer-kind '{kind}' is not one of {', '.join(TOKENIZER_KINDS)}")
     if model_type not in SENTENCEPIECE_MODEL_TYPES:
@@ -314,9 +334,14 @@ def train_tokenizer(
         if counts["documents"] == 0:
             raise DataFormatError(f"no text found under keys {', '.join(json_keys)} in {', '.join(paths)}")
         provenance = {
-            "kind": kind, "model_type": model_type if kind == "sentencepiece" else "bpe",
-            "vocab_size_requested": vocab_size, "json_keys": list(json_keys), "inputs": list(paths),
-            "max_documents": max_documents, "seed": seed, **counts,
+            "kind": kind,
+            "model_type": model_type if kind == "sentencepiece" else "bpe",
+            "vocab_size_requested": vocab_size,
+            "json_keys": list(json_keys),
+            "inputs": list(paths),
+            "max_documents": max_documents,
+            "seed": seed,
+            **counts,
         }
         # Main file last: its presence means the folder is complete.
         ordered = [("tokenizer_training.json", lambda path: write_json_atomic(path, provenance))]
@@ -342,26 +367,43 @@ def _report_tiktoken_agreement(bpe, ranks: Dict[bytes, int], paths: Sequence[str
     sample = iter_documents(paths, json_keys, _TIKTOKEN_CHECK_DOCUMENTS, progress=False)
     agree, checked = tiktoken_agreement(bpe, ranks, sample)
     if agree != checked:
-        print(f"train-tokenizer: warning: tiktoken ids differ from the trained BPE on {checked - agree} of "
-              f"{checked} checked documents", file=sys.stderr)
+        print(
+            f"train-tokenizer: warning: tiktoken ids differ from the trained BPE on {checked - agree} of "
+            f"{checked} checked documents",
+            file=sys.stderr,
+        )
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Flags of `megalign train-tokenizer`."""
-    parser.add_argument("--input", nargs="+", required=True, metavar="GLOB",
-                        help="JSONL files, folders or quoted globs (.jsonl, .jsonl.gz, .jsonl.zst)")
+    parser.add_argument(
+        "--input",
+        nargs="+",
+        required=True,
+        metavar="GLOB",
+        help="JSONL files, folders or quoted globs (.jsonl, .jsonl.gz, .jsonl.zst)",
+    )
     parser.add_argument("--output-dir", required=True, help="folder to write the tokenizer files into")
-    parser.add_argument("--tokenizer-kind", choices=TOKENIZER_KINDS, default="sentencepiece",
-                        help="sentencepiece (tokenizer.model), hf-bpe (tokenizer.json) or tiktoken "
-                             "(tokenizer.tiktoken) (default: %(default)s)")
-    parser.add_argument("--vocab-size", type=int, default=8000,
-                        help="vocabulary size including special tokens (default: %(default)s)")
-    parser.add_argument("--json-keys", nargs="+", default=["text"],
-                        help="record fields to train on (default: text)")
-    parser.add_argument("--model-type", choices=SENTENCEPIECE_MODEL_TYPES, default="bpe",
-                        help="SentencePiece model type (default: %(default)s)")
-    parser.add_argument("--max-documents", type=int, default=None,
-                        help="train on the first N records only (default: all)")
+    parser.add_argument(
+        "--tokenizer-kind",
+        choices=TOKENIZER_KINDS,
+        default="sentencepiece",
+        help="sentencepiece (tokenizer.model), hf-bpe (tokenizer.json) or tiktoken "
+        "(tokenizer.tiktoken) (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--vocab-size", type=int, default=8000, help="vocabulary size including special tokens (default: %(default)s)"
+    )
+    parser.add_argument("--json-keys", nargs="+", default=["text"], help="record fields to train on (default: text)")
+    parser.add_argument(
+        "--model-type",
+        choices=SENTENCEPIECE_MODEL_TYPES,
+        default="bpe",
+        help="SentencePiece model type (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--max-documents", type=int, default=None, help="train on the first N records only (default: all)"
+    )
     parser.add_argument("--seed", type=int, default=1234, help="random seed (default: %(default)s)")
 
 
@@ -369,8 +411,14 @@ def main(args: argparse.Namespace) -> int:
     """Run `megalign train-tokenizer`: train, load the result back, print where it is and how to use it."""
     start = time.monotonic()
     path = train_tokenizer(
-        args.input, args.output_dir, kind=args.tokenizer_kind, vocab_size=args.vocab_size,
-        json_keys=args.json_keys, model_type=args.model_type, max_documents=args.max_documents, seed=args.seed,
+        args.input,
+        args.output_dir,
+        kind=args.tokenizer_kind,
+        vocab_size=args.vocab_size,
+        json_keys=args.json_keys,
+        model_type=args.model_type,
+        max_documents=args.max_documents,
+        seed=args.seed,
     )
     tokenizer_type = KIND_OUTPUTS[args.tokenizer_kind][1]
     model = args.output_dir if args.tokenizer_kind == "hf-bpe" else path

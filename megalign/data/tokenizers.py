@@ -10,6 +10,7 @@ A tokenizer is rebuilt from (type, model path) alone, so worker processes build 
 (pickling one sends just those arguments). Model files are read as their own formats, never pickled.
 `encode` never adds bos/eos; callers append `eod` between documents (Megatron's --append-eod).
 """
+
 from __future__ import annotations
 
 import abc
@@ -22,18 +23,11 @@ import logging
 import os
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
+from megalign.config.sections import TOKENIZER_TYPES
 from megalign.errors import ConfigError, TokenizerError
 
 logger = logging.getLogger(__name__)
 
-TOKENIZER_TYPES: Tuple[str, ...] = (
-    "SentencePieceTokenizer",
-    "GPTSentencePieceTokenizer",
-    "Llama2Tokenizer",
-    "HuggingFaceTokenizer",
-    "TikTokenizer",
-    "NullTokenizer",
-)
 SENTENCEPIECE_TYPES: Tuple[str, ...] = TOKENIZER_TYPES[:3]
 
 BEGIN_OF_TEXT = "<|begin_of_text|>"
@@ -242,8 +236,10 @@ class Tokenizer(abc.ABC):
         return (_rebuild, self._rebuild_args())
 
     def __repr__(self) -> str:
-        return (f"{type(self).__name__}(type={self.tokenizer_type!r}, model={self.model_path!r}, "
-                f"vocab_size={self.vocab_size})")
+        return (
+            f"{type(self).__name__}(type={self.tokenizer_type!r}, model={self.model_path!r}, "
+            f"vocab_size={self.vocab_size})"
+        )
 
 
 def _rebuild(tokenizer_type: str, model: Optional[str], vocab_size: Optional[int] = None) -> Tokenizer:
@@ -272,8 +268,11 @@ class SentencePieceTokenizer(Tokenizer):
             ) from None
         self._sp = processor
         self.vocab_size = processor.get_piece_size()
-        self.bos, self.eos, self.pad = (self._optional_id(processor.bos_id()), self._optional_id(processor.eos_id()),
-                                        self._optional_id(processor.pad_id()))
+        self.bos, self.eos, self.pad = (
+            self._optional_id(processor.bos_id()),
+            self._optional_id(processor.eos_id()),
+            self._optional_id(processor.pad_id()),
+        )
         if self.eos is None:
             raise TokenizerError(
                 f"{tokenizer_type}: '{model_path}' has no end-of-sentence piece (eos_id=-1), which "
@@ -337,8 +336,9 @@ class HuggingFaceTokenizer(Tokenizer):
             ) from None
         self._json_path = json_path
         folder = os.path.dirname(os.path.abspath(json_path))
-        self._config_paths = [os.path.join(folder, name) for name in self.CONFIG_FILES
-                              if os.path.isfile(os.path.join(folder, name))]
+        self._config_paths = [
+            os.path.join(folder, name) for name in self.CONFIG_FILES if os.path.isfile(os.path.join(folder, name))
+        ]
         config = self._load_config()
         self.chat_template: Optional[str] = self._pick_chat_template(config.get("chat_template"))
         self._compiled_template: Optional[Tuple[str, Any]] = None  # (source, jinja2 Template) once used
@@ -346,9 +346,7 @@ class HuggingFaceTokenizer(Tokenizer):
         vocab = self._tok.get_vocab(with_added_tokens=True)
         self.vocab_size = max(vocab.values()) + 1 if vocab else 0
         self.special_tokens = {
-            added.content: token_id
-            for token_id, added in self._tok.get_added_tokens_decoder().items()
-            if added.special
+            added.content: token_id for token_id, added in self._tok.get_added_tokens_decoder().items() if added.special
         }
         self.bos = self._resolve_special(config, "bos_token", _BOS_NAMES)
         self.eos = self._resolve_special(config, "eos_token", _EOS_NAMES)
@@ -356,7 +354,7 @@ class HuggingFaceTokenizer(Tokenizer):
         if self.eos is None:
             raise TokenizerError(
                 f"{tokenizer_type}: '{model_path}' defines no end-of-sequence token, which megalign uses as "
-                "end-of-document; add \"eos_token\" to tokenizer_config.json next to tokenizer.json"
+                'end-of-document; add "eos_token" to tokenizer_config.json next to tokenizer.json'
             )
         self.eod = self.eos
 
@@ -419,8 +417,9 @@ class HuggingFaceTokenizer(Tokenizer):
             from jinja2 import TemplateError
             from jinja2.sandbox import ImmutableSandboxedEnvironment
         except ImportError:
-            logger.warning("jinja2 is not installed: using megalign's fixed chat template instead of %s's",
-                           self.model_path)
+            logger.warning(
+                "jinja2 is not installed: using megalign's fixed chat template instead of %s's", self.model_path
+            )
             return super().apply_chat_template(messages, add_generation_prompt)
 
         try:
@@ -480,8 +479,10 @@ class TikTokenizer(Tokenizer):
         self.eod = self.eos
         self.vocab_size = max(max(ranks.values()), max(specials.values())) + 1
         self._encoding = tiktoken.Encoding(
-            name=f"megalign:{os.path.basename(model_path)}", pat_str=pattern,
-            mergeable_ranks=ranks, special_tokens=specials,
+            name=f"megalign:{os.path.basename(model_path)}",
+            pat_str=pattern,
+            mergeable_ranks=ranks,
+            special_tokens=specials,
         )
 
     def _parse_tiktoken(self, data: bytes) -> Dict[bytes, int]:
@@ -517,8 +518,9 @@ class TikTokenizer(Tokenizer):
         try:
             entries = json.loads(data)
             entries = entries[: _MEGATRON_TIKTOKEN_MAX_VOCAB - shift]
-            ranks = {base64.b64decode(item["token_bytes"], validate=True): int(item["rank"]) + shift
-                     for item in entries}
+            ranks = {
+                base64.b64decode(item["token_bytes"], validate=True): int(item["rank"]) + shift for item in entries
+            }
         except (ValueError, TypeError, KeyError, binascii.Error) as error:
             raise TokenizerError(
                 f"{self.tokenizer_type}: '{self.model_path}' is not a Megatron tiktoken JSON vocabulary (a "
@@ -618,8 +620,11 @@ def padded_vocab_size(
     vocab_size: int, make_vocab_size_divisible_by: int = 128, tensor_model_parallel_size: int = 1
 ) -> int:
     """Megatron's rule: round vocab_size up to a multiple of make_vocab_size_divisible_by * TP size."""
-    for name, value in (("vocab_size", vocab_size), ("make_vocab_size_divisible_by", make_vocab_size_divisible_by),
-                        ("tensor_model_parallel_size", tensor_model_parallel_size)):
+    for name, value in (
+        ("vocab_size", vocab_size),
+        ("make_vocab_size_divisible_by", make_vocab_size_divisible_by),
+        ("tensor_model_parallel_size", tensor_model_parallel_size),
+    ):
         if int(value) != value or value <= 0:
             raise ConfigError(f"{name} must be a positive integer, got {value!r}")
     multiple = int(make_vocab_size_divisible_by) * int(tensor_model_parallel_size)

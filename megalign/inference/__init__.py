@@ -1,17 +1,12 @@
 """In-process inference: KV-cache generation, perplexity scoring, and loading checkpoints for both.
 
-    loaded = load_model("checkpoints/worker", dtype="bf16", device="cuda")
+    loaded = load_model("checkpoints/worker", dtype="bf16", device="cuda")     # or load_hf_model("Meta-Llama-3-8B")
     results = loaded.generator().generate([chat_prompt(loaded.tokenizer, messages)],
                                           GenerationParams(max_new_tokens_ratio=1.5, stop=("</rewrite>",)))
     scores = loaded.scorer().score(["some text", "another document"])   # DocumentScore(ppl, tokens, nll)
+
+Import from the modules: generation.py (Generator, chat_prompt), sampling.py (GenerationParams), scoring.py
+(PerplexityScorer), model_loading.py (load_model, load_hf_model), batching.py and server.py (``megalign
+serve``), model_flags.py (the flags every command that runs a model shares; it imports no torch, so this
+package face imports nothing).
 """
-from __future__ import annotations
-
-from megalign.inference.generation import Completion, Generator, PromptTooLongError, chat_prompt, default_stop_token_ids
-from megalign.inference.kv_cache import KVCache
-from megalign.inference.model_loading import LoadedModel, load_model, resolve_tokenizer
-from megalign.inference.sampling import GenerationParams
-from megalign.inference.scoring import DocumentScore, PerplexityScorer
-
-__all__ = ["Completion", "DocumentScore", "GenerationParams", "Generator", "KVCache", "LoadedModel", "PerplexityScorer",
-           "PromptTooLongError", "chat_prompt", "default_stop_token_ids", "load_model", "resolve_tokenizer"]

@@ -8,6 +8,7 @@ request alone up to floating-point rounding. Seeded sampling is reproducible: a 
 and a temperature above 0 is generated on its own, since the generator seeds each prompt's sampler from
 the seed and the prompt's position in the batch.
 """
+
 from __future__ import annotations
 
 import threading
@@ -95,7 +96,8 @@ class BatchingEngine:
                 if size >= self.max_batch_size or remaining <= 0 or self._closed:
                     break
                 self._cond.wait(remaining)
-            chosen, total = [], 0
+            chosen: List[_Request] = []
+            total = 0
             for request in batch:
                 if chosen and total + len(request.prompts) > self.max_batch_size:
                     break
@@ -126,5 +128,5 @@ class BatchingEngine:
             self.batches += 1
             start = 0
             for request in batch:
-                request.future.set_result(results[start:start + len(request.prompts)])
+                request.future.set_result(results[start : start + len(request.prompts)])
                 start += len(request.prompts)

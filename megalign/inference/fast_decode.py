@@ -27,19 +27,24 @@ kernel for decode steps, another matmul operand layout; ~1e-7 relative in fp32),
 ``benchmarks/generate.py``. Other dtypes follow the reference ops' casts (RMSNorm and rotary in fp32).
 
 Batches are left-padded (all rows write the same cache slot); ``valid`` marks the real prompt tokens, and
-padding is kept out of attention exactly as :class:`~megalign.inference.kv_cache.KVCache` does (a real
+padding is kept out of attention exactly as :class:`~megalign.model.kv_cache.KVCache` does (a real
 token never sees padding, a padding slot sees only padding).
 """
+
 from __future__ import annotations
 
 import weakref
-from typing import Iterator, List, NamedTuple, Optional, Tuple
+from typing import TYPE_CHECKING, Iterator, List, NamedTuple, Optional, Sequence, Tuple, Union, cast
 
 import torch
 import torch.nn.functional as F
 
-from megalign.inference.kv_cache import KVCache
+from megalign.model.kv_cache import KVCache
 from megalign.ops import rms_norm, rotary_cos_sin
+
+if TYPE_CHECKING:
+    from megalign.model.decoder import DecoderLayer, GPTModel
+    from megalign.parallel import ColumnParallelLinear, RowParallelLinear
 
 __all__ = ["DecodeState", "FastDecoder", "ModelDecoder", "copied_weight_bytes"]
 
@@ -104,9 +109,9 @@ def _fingerprint(model: torch.nn.Module) -> Optional[Tuple[Tuple[int, int], ...]
         return None
 
 
-def _linears(model: torch.nn.Module) -> Iterator[Tuple[str, torch.nn.Module]]:
+def _linears(model: GPTModel) -> Iterator[Tuple[str, Union[ColumnParallelLinear, RowParallelLinear]]]:
     for index in model.stage.layers:
-        layer = model.layers[str(index)]
+        layer = model.decoder_layer(index)
         attention, mlp = layer.attention, layer.mlp
         for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
             yield f"layers.{index}.attention.{name}", getattr(attention, name)
@@ -114,16 +119,24 @@ def _linears(model: torch.nn.Module) -> Iterator[Tuple[str, torch.nn.Module]]:
             yield f"layers.{index}.mlp.{name}", getattr(mlp, name)
 
 
-def copied_weight_bytes(model: torch.nn.Module, vocab_size: int) -> int:
+def _head_weight(model: GPTModel) -> torch.Tensor:
+    """The LM head's weight ``[vocab, hidden]``: its own, or the embedding table when tied."""
+    if model.lm_head is not None:
+        return model.lm_head.weight
+    assert model.embed_tokens is not None  # a tied LM head's stage holds the embedding table
+    return model.embed_tokens.weight
+
+
+def copied_weight_bytes(model: GPTModel, vocab_size: int) -> int:
     """Bytes of the fused, transposed weight copies a :class:`FastDecoder` of ``model`` makes: every
     projection and the LM head's first ``vocab_size`` rows."""
     total = sum(linear.weight.numel() * linear.weight.element_size() for _, linear in _linears(model))
-    head = model.lm_head.weight if model.lm_head is not None else model.embed_tokens.weight
+    head = _head_weight(model)
     return total + vocab_size * head.shape[1] * head.element_size()
 
 
 # the decoder last built for each live model: its weight copies are made once, not once per Generator
-_BUILT: "weakref.WeakKeyDictionary[torch.nn.Module, FastDecoder]" = weakref.WeakKeyDictionary()
+_BUILT: "weakref.WeakKeyDictionary[GPTModel, FastDecoder]" = weakref.WeakKeyDictionary()
 
 
 class FastDecoder:
@@ -134,35 +147,42 @@ class FastDecoder:
     (:func:`copied_weight_bytes`); else use the model's weights in place, one matmul per projection.
     """
 
-    def __init__(self, model: torch.nn.Module, vocab_size: int, max_length: int,
-                 copy_limit_bytes: int = DEFAULT_COPY_LIMIT_BYTES) -> None:
-        config = model.config
+    def __init__(
+        self, model: GPTModel, vocab_size: int, max_length: int, copy_limit_bytes: int = DEFAULT_COPY_LIMIT_BYTES
+    ) -> None:
+        config, embed_tokens, final_norm = model.config, model.embed_tokens, model.final_norm
+        assert embed_tokens is not None and final_norm is not None  # a whole model: first and last stage
         self.vocab_size, self.max_length = vocab_size, max_length  # no reference to model: see _BUILT
         self.eps, self.head_dim = config.rms_norm_eps, config.head_dim
-        first = model.layers[str(model.stage.layers[0])].attention
+        first = model.decoder_layer(model.stage.layers[0]).attention
         self.num_heads, self.num_kv_heads = first.num_heads, first.num_kv_heads
         self.q_size, self.kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
         self.copied = copied_weight_bytes(model, vocab_size) <= copy_limit_bytes
         self.fingerprint = _fingerprint(model)
-        self.dtype, self.device = model.embed_tokens.weight.dtype, model.embed_tokens.weight.device
+        self.dtype, self.device = embed_tokens.weight.dtype, embed_tokens.weight.device
         with torch.no_grad():
-            self.embedding = model.embed_tokens.weight
-            self.layers = [self._layer(model.layers[str(i)]) for i in model.stage.layers]
-            self.final_norm = model.final_norm.weight
-            head = model.lm_head.weight if model.lm_head is not None else model.embed_tokens.weight
-            self.lm_head = self._transposed(head[:vocab_size])
+            self.embedding = embed_tokens.weight
+            self.layers = [self._layer(model.decoder_layer(i)) for i in model.stage.layers]
+            self.final_norm = final_norm.weight
+            self.lm_head = self._transposed(_head_weight(model)[:vocab_size])
         self._rope = (config.rope_theta, config.rope_scaling)
         self.cos = self.sin = torch.empty(0, self.head_dim)
 
     @classmethod
-    def for_model(cls, model: torch.nn.Module, vocab_size: int, max_length: int,
-                  copy_limit_bytes: int = DEFAULT_COPY_LIMIT_BYTES) -> "FastDecoder":
+    def for_model(
+        cls, model: GPTModel, vocab_size: int, max_length: int, copy_limit_bytes: int = DEFAULT_COPY_LIMIT_BYTES
+    ) -> "FastDecoder":
         """A decoder of ``model``: the one last built for it (by any Generator) while the model's weights and
         these settings are unchanged, else a new one (which replaces it)."""
         previous = _BUILT.get(model)
-        if (previous is not None and previous.vocab_size == vocab_size and previous.max_length == max_length
-                and previous.fingerprint is not None and previous.fingerprint == _fingerprint(model)
-                and previous.copied == (copied_weight_bytes(model, vocab_size) <= copy_limit_bytes)):
+        if (
+            previous is not None
+            and previous.vocab_size == vocab_size
+            and previous.max_length == max_length
+            and previous.fingerprint is not None
+            and previous.fingerprint == _fingerprint(model)
+            and previous.copied == (copied_weight_bytes(model, vocab_size) <= copy_limit_bytes)
+        ):
             return previous
         decoder = cls(model, vocab_size, max_length, copy_limit_bytes)
         _BUILT[model] = decoder
@@ -173,18 +193,24 @@ class FastDecoder:
         operand run up to 2x faster) or, over the copy limit, a view."""
         return weight.t().contiguous() if self.copied else weight.t()
 
-    def _fused(self, linears: List[torch.nn.Module]) -> _Matmul:
+    def _fused(self, linears: Sequence[ColumnParallelLinear]) -> _Matmul:
         if not self.copied:
             return [(linear.weight.t(), linear.bias) for linear in linears]
         biases = [linear.bias for linear in linears]
-        bias = None if biases[0] is None else torch.cat(biases)
+        # the linears of one fused matmul all have a bias or none (config.qkv_bias; the MLP has none)
+        bias = None if biases[0] is None else torch.cat(cast(List[torch.Tensor], biases))
         return [(torch.cat([linear.weight for linear in linears]).t().contiguous(), bias)]
 
-    def _layer(self, layer: torch.nn.Module) -> _Layer:
+    def _layer(self, layer: DecoderLayer) -> _Layer:
         attention, mlp = layer.attention, layer.mlp
-        return _Layer(layer.input_norm.weight, self._fused([attention.q_proj, attention.k_proj, attention.v_proj]),
-                      self._transposed(attention.o_proj.weight), layer.mlp_norm.weight,
-                      self._fused([mlp.gate_proj, mlp.up_proj]), self._transposed(mlp.down_proj.weight))
+        return _Layer(
+            layer.input_norm.weight,
+            self._fused([attention.q_proj, attention.k_proj, attention.v_proj]),
+            self._transposed(attention.o_proj.weight),
+            layer.mlp_norm.weight,
+            self._fused([mlp.gate_proj, mlp.up_proj]),
+            self._transposed(mlp.down_proj.weight),
+        )
 
     def _rotary_tables(self, positions: int) -> None:
         """Grow the rotary tables to cover ``positions`` (doubling, up to ``max_length``). ``sin`` carries
@@ -232,13 +258,14 @@ class FastDecoder:
             return torch.mul(x, torch.rsqrt(torch.mean(x * x, dim=-1, keepdim=True).add_(self.eps))).mul_(weight)
         return rms_norm(x, weight, self.eps)
 
-    def _forward(self, tokens: torch.Tensor, positions: torch.Tensor, state: DecodeState,
-                 prompt_mask: Optional[torch.Tensor]) -> torch.Tensor:
+    def _forward(
+        self, tokens: torch.Tensor, positions: torch.Tensor, state: DecodeState, prompt_mask: Optional[torch.Tensor]
+    ) -> torch.Tensor:
         """Run ``tokens`` ``[batch, seq]`` at ``positions`` into the cache from ``state.length`` on; the last
         position's logits. ``prompt_mask`` ``[batch, 1, seq, seq]`` for a prefill (the cache is empty then)."""
         batch, seq = tokens.shape
         heads, kv_heads, dim = self.num_heads, self.num_kv_heads, self.head_dim
-        groups, rows, scale = heads // kv_heads, batch * kv_heads, dim ** -0.5
+        groups, rows, scale = heads // kv_heads, batch * kv_heads, dim**-0.5
         start, end = state.length, state.length + seq
         upcast = self.dtype != torch.float32  # rotary runs in fp32 (megalign.ops.apply_rotary)
         cos = self.cos[positions].unsqueeze(2)  # [batch, seq, 1, dim]
@@ -252,7 +279,7 @@ class FastDecoder:
         x = F.embedding(tokens, self.embedding).view(batch * seq, -1)
         for index, layer in enumerate(self.layers):
             qkv = _matmul(self._norm(x, layer.input_norm), layer.qkv).view(batch, seq, heads + 2 * kv_heads, dim)
-            qk = qkv[:, :, :heads + kv_heads]
+            qk = qkv[:, :, : heads + kv_heads]
             if upcast:
                 qk = qk.float()
             swapped = qk.unflatten(-1, (2, dim // 2)).flip(-2).flatten(-2)
@@ -260,17 +287,18 @@ class FastDecoder:
             if upcast:
                 qk = qk.to(self.dtype)
             key_slots[index] = qk[:, :, heads:]
-            value_slots[index] = qkv[:, :, heads + kv_heads:]
+            value_slots[index] = qkv[:, :, heads + kv_heads :]
             if prompt_mask is None:  # one new token: each key/value head's query heads as a group of rows
-                scores = torch.baddbmm(mask, qk[:, 0, :heads].reshape(rows, groups, dim), all_keys[index],
-                                       alpha=scale)
+                scores = torch.baddbmm(mask, qk[:, 0, :heads].reshape(rows, groups, dim), all_keys[index], alpha=scale)
                 out = torch.bmm(torch.softmax(scores, dim=-1), all_values[index])
             else:  # a prefill: the cache holds just these tokens
-                out = F.scaled_dot_product_attention(qk[:, :, :heads].transpose(1, 2),
-                                                     qk[:, :, heads:].transpose(1, 2),
-                                                     qkv[:, :, heads + kv_heads:].transpose(1, 2),
-                                                     attn_mask=prompt_mask, enable_gqa=heads != kv_heads
-                                                     ).transpose(1, 2)
+                out = F.scaled_dot_product_attention(
+                    qk[:, :, :heads].transpose(1, 2),
+                    qk[:, :, heads:].transpose(1, 2),
+                    qkv[:, :, heads + kv_heads :].transpose(1, 2),
+                    attn_mask=prompt_mask,
+                    enable_gqa=heads != kv_heads,
+                ).transpose(1, 2)
             x = torch.addmm(x, out.reshape(batch * seq, heads * dim), layer.o)
             gate, up = _matmul(self._norm(x, layer.mlp_norm), layer.gate_up).chunk(2, dim=-1)
             x = torch.addmm(x, F.silu(gate) * up, layer.down)
@@ -298,19 +326,18 @@ class ModelDecoder:
     """:class:`FastDecoder`'s interface over the model's own forward with a :class:`KVCache` (the reference
     path: any GPTModel, module hooks see every pass)."""
 
-    def __init__(self, model: torch.nn.Module, vocab_size: int) -> None:
+    def __init__(self, model: GPTModel, vocab_size: int) -> None:
         self.model, self.vocab_size = model, vocab_size
 
     def prefill(self, tokens: torch.Tensor, valid: torch.Tensor, capacity: int) -> Tuple[_ModelState, torch.Tensor]:
         """As :meth:`FastDecoder.prefill`."""
         positions = (valid.long().cumsum(dim=1) - 1).clamp(min=0)
         cache = KVCache.for_model(self.model, tokens.shape[0], capacity)
-        logits = self.model(tokens, position_ids=positions, segment_ids=valid.long(), kv_cache=cache,
-                            logits_to_keep=1)
-        return _ModelState(cache, positions[:, -1:] + 1), logits[:, -1, :self.vocab_size]
+        logits = self.model(tokens, position_ids=positions, segment_ids=valid.long(), kv_cache=cache, logits_to_keep=1)
+        return _ModelState(cache, positions[:, -1:] + 1), logits[:, -1, : self.vocab_size]
 
     def step(self, state: _ModelState, tokens: torch.Tensor) -> torch.Tensor:
         """As :meth:`FastDecoder.step`."""
         logits = self.model(tokens.unsqueeze(1), position_ids=state.positions, kv_cache=state.cache)
         state.positions = state.positions + 1
-        return logits[:, -1, :self.vocab_size]
+        return logits[:, -1, : self.vocab_size]

@@ -11,7 +11,7 @@ counted from each prompt's first real token), prefilled in one forward pass that
 position's logits, then decoded one token per row per step from a preallocated key/value cache, by
 :class:`~megalign.inference.fast_decode.FastDecoder` (the model's weights with q/k/v and gate/up fused, few
 ops per step) or, with ``fast=False``, the model's own forward with a
-:class:`~megalign.inference.kv_cache.KVCache`. A row that finishes leaves the batch (its cache rows are
+:class:`~megalign.model.kv_cache.KVCache`. A row that finishes leaves the batch (its cache rows are
 dropped), so long completions do not make finished ones cost compute.
 
 A completion ends with ``finish_reason``:
@@ -25,10 +25,11 @@ A completion ends with ``finish_reason``:
 String prompts are encoded with ``tokenizer.encode`` (which adds no BOS; ``add_bos=True`` prepends the
 tokenizer's BOS id, which converted Llama-3 models expect); token-id prompts are used as given.
 """
+
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Dict, List, Optional, Sequence, Tuple, Union
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 
@@ -37,6 +38,9 @@ from megalign.errors import ConfigError, MegalignError, TokenizerError
 from megalign.inference.fast_decode import FastDecoder, ModelDecoder
 from megalign.inference.sampling import GenerationParams, next_tokens, row_seed
 from megalign.utils.progress import ProgressMeter
+
+if TYPE_CHECKING:
+    from megalign.model.decoder import GPTModel
 
 __all__ = ["Completion", "GenerationParams", "Generator", "PromptTooLongError", "chat_prompt"]
 
@@ -89,13 +93,13 @@ class _StopStrings:
     def found(self, ids: List[int]) -> bool:
         if not self.stops:
             return False
-        tail = self.tokenizer.decode(ids[-self.window:])
+        tail = self.tokenizer.decode(ids[-self.window :])
         return any(stop in tail for stop in self.stops)
 
     def cut(self, text: str) -> str:
         """``text`` up to the first occurrence of any stop string."""
         positions = [p for p in (text.find(stop) for stop in self.stops) if p >= 0]
-        return text[:min(positions)] if positions else text
+        return text[: min(positions)] if positions else text
 
 
 @dataclass
@@ -105,8 +109,8 @@ class _Row:
     index: int
     prompt: List[int]
     limit: int
-    generator: Optional[torch.Generator]
-    completion: Optional[List[int]] = None
+    generator: Optional[torch.Generator]  # None when decoding greedily
+    completion: List[int] = field(default_factory=list)
     finish_reason: Optional[str] = None
 
 
@@ -121,26 +125,35 @@ class Generator:
     ops per step; the default) rather than the model's own cached forward (same results up to float rounding).
     """
 
-    def __init__(self, model: torch.nn.Module, tokenizer: Tokenizer, max_length: Optional[int] = None,
-                 max_batch_size: int = 16, add_bos: bool = False,
-                 stop_token_ids: Optional[Sequence[int]] = None, fast: bool = True) -> None:
+    def __init__(
+        self,
+        model: GPTModel,
+        tokenizer: Tokenizer,
+        max_length: Optional[int] = None,
+        max_batch_size: int = 16,
+        add_bos: bool = False,
+        stop_token_ids: Optional[Sequence[int]] = None,
+        fast: bool = True,
+    ) -> None:
         if not model.stage.first or not model.stage.last:
             raise ConfigError("Generator needs the whole model in this process (no pipeline stages)")
         if model.context.tensor_model_parallel_size != 1:
             raise ConfigError("Generator runs in one process: load the model with tensor parallel size 1")
         vocab = model.config.vocab_size
         if tokenizer.vocab_size > vocab:
-            raise TokenizerError(f"tokenizer {tokenizer.tokenizer_type} ({tokenizer.model_path}) has "
-                                 f"{tokenizer.vocab_size} tokens, more than the model's vocabulary of {vocab}; "
-                                 "was the model trained with another tokenizer?")
+            raise TokenizerError(
+                f"tokenizer {tokenizer.tokenizer_type} ({tokenizer.model_path}) has "
+                f"{tokenizer.vocab_size} tokens, more than the model's vocabulary of {vocab}; "
+                "was the model trained with another tokenizer?"
+            )
         if add_bos and tokenizer.bos is None:
-            raise TokenizerError(f"add_bos: tokenizer {tokenizer.tokenizer_type} ({tokenizer.model_path}) has no "
-                                 "BOS token")
+            raise TokenizerError(
+                f"add_bos: tokenizer {tokenizer.tokenizer_type} ({tokenizer.model_path}) has no BOS token"
+            )
         if isinstance(max_batch_size, bool) or not isinstance(max_batch_size, int) or max_batch_size < 1:
             raise ConfigError(f"Generator: max_batch_size={max_batch_size!r} must be a positive integer")
         self.model, self.tokenizer = model, tokenizer
-        self.max_length = min(max_length or model.config.max_position_embeddings,
-                              model.config.max_position_embeddings)
+        self.max_length = min(max_length or model.config.max_position_embeddings, model.config.max_position_embeddings)
         self.max_batch_size, self.add_bos = max_batch_size, add_bos
         self.vocab_size = tokenizer.vocab_size
         self.stop_token_ids = tuple(default_stop_token_ids(tokenizer) if stop_token_ids is None else stop_token_ids)
@@ -159,16 +172,22 @@ class Generator:
         """Token ids of a prompt (string prompts encoded, with BOS when ``add_bos``)."""
         if isinstance(prompt, str):
             ids = self.tokenizer.encode(prompt)
-            return [self.tokenizer.bos] + ids if self.add_bos else ids
+            if not self.add_bos:
+                return ids
+            bos = self.tokenizer.bos
+            assert bos is not None  # __init__ refuses add_bos without a BOS token
+            return [bos] + ids
         ids = [int(i) for i in prompt]
         bad = next((i for i in ids if not 0 <= i < self.vocab_size), None)
         if bad is not None:
-            raise TokenizerError(f"prompt token id {bad} is outside the tokenizer's vocabulary "
-                                 f"(0..{self.vocab_size - 1})")
+            raise TokenizerError(
+                f"prompt token id {bad} is outside the tokenizer's vocabulary (0..{self.vocab_size - 1})"
+            )
         return ids
 
-    def generate(self, prompts: Sequence[Prompt], params: GenerationParams = GenerationParams(),
-                 progress: bool = False) -> List[Completion]:
+    def generate(
+        self, prompts: Sequence[Prompt], params: GenerationParams = GenerationParams(), progress: bool = False
+    ) -> List[Completion]:
         """Complete every prompt (strings or token-id lists); results in the order of ``prompts``.
 
         Raises PromptTooLongError (naming the prompt) when a prompt is empty or has ``max_length`` tokens or
@@ -183,7 +202,7 @@ class Generator:
         stop_ids = set(self.stop_token_ids if params.stop_token_ids is None else params.stop_token_ids)
         with torch.inference_mode():
             for start in range(0, len(order), self.max_batch_size):
-                batch = order[start:start + self.max_batch_size]
+                batch = order[start : start + self.max_batch_size]
                 self._generate_batch(batch, params, stop_ids, stops)
                 meter.update(prompts=len(batch), tokens=sum(len(row.completion) for row in batch))
         meter.close()
@@ -193,16 +212,18 @@ class Generator:
         if not prompt:
             raise PromptTooLongError(f"prompt {index} is empty; give at least one token (e.g. add_bos=True)", index)
         if len(prompt) >= self.max_length:
-            raise PromptTooLongError(f"prompt {index} has {len(prompt)} tokens; the model takes {self.max_length} "
-                                     "positions in all, so prompts must be shorter", index)
+            raise PromptTooLongError(
+                f"prompt {index} has {len(prompt)} tokens; the model takes {self.max_length} "
+                "positions in all, so prompts must be shorter",
+                index,
+            )
         generator = None
         if not params.greedy:
-            seed = params.seed if params.seed is not None else int(torch.randint(0, 2 ** 62, ()).item())
+            seed = params.seed if params.seed is not None else int(torch.randint(0, 2**62, ()).item())
             generator = torch.Generator(self.device).manual_seed(row_seed(seed, index))
         return _Row(index, prompt, params.max_new_tokens_for(len(prompt), self.max_length), generator, [])
 
-    def _generate_batch(self, rows: List[_Row], params: GenerationParams, stop_ids: set,
-                        stops: _StopStrings) -> None:
+    def _generate_batch(self, rows: List[_Row], params: GenerationParams, stop_ids: set, stops: _StopStrings) -> None:
         """Complete ``rows`` together: prefill, then one token per live row per step."""
         for row in rows:
             if row.limit == 0:
@@ -211,15 +232,18 @@ class Generator:
         if not live:
             return
         width = max(len(row.prompt) for row in live)
-        tokens = torch.full((len(live), width), self.tokenizer.eod if self.tokenizer.eod < self.vocab_size else 0,
-                            dtype=torch.long)
+        tokens = torch.full(
+            (len(live), width), self.tokenizer.eod if self.tokenizer.eod < self.vocab_size else 0, dtype=torch.long
+        )
         valid = torch.zeros(len(live), width, dtype=torch.bool)
         for i, row in enumerate(live):
-            tokens[i, width - len(row.prompt):] = torch.tensor(row.prompt)
-            valid[i, width - len(row.prompt):] = True
+            tokens[i, width - len(row.prompt) :] = torch.tensor(row.prompt)
+            valid[i, width - len(row.prompt) :] = True
         decoder = self.decoder()
-        state, logits = decoder.prefill(tokens.to(self.device), valid.to(self.device),
-                                        width + max(row.limit for row in live))
+        state: Any  # DecodeState or _ModelState, the one this decoder's step takes (mypy cannot pair them)
+        state, logits = decoder.prefill(
+            tokens.to(self.device), valid.to(self.device), width + max(row.limit for row in live)
+        )
         while True:
             chosen = next_tokens(logits, params, [row.generator for row in live])
             keep = []
@@ -241,12 +265,18 @@ class Generator:
             logits = decoder.step(state, chosen)
 
     def _result(self, row: _Row, stop_ids: set, stops: _StopStrings) -> Completion:
-        ids = row.completion
-        if row.finish_reason == "stop" and ids and ids[-1] in stop_ids:
+        ids, finish_reason = row.completion, row.finish_reason
+        assert finish_reason is not None  # every row has finished when generate() collects the results
+        if finish_reason == "stop" and ids and ids[-1] in stop_ids:
             text = self.tokenizer.decode(ids[:-1])
         else:
             text = self.tokenizer.decode(ids)
-            if row.finish_reason == "stop":
+            if finish_reason == "stop":
                 text = stops.cut(text)
-        return Completion(text=text, token_ids=list(ids), finish_reason=row.finish_reason,
-                          prompt_tokens=len(row.prompt), completion_tokens=len(ids))
+        return Completion(
+            text=text,
+            token_ids=list(ids),
+            finish_reason=finish_reason,
+            prompt_tokens=len(row.prompt),
+            completion_tokens=len(ids),
+        )

@@ -4,6 +4,7 @@ Sampling is reproducible: every prompt draws from its own ``torch.Generator`` se
 ``GenerationParams.seed`` and the prompt's index in the request (:func:`row_seed`), so a prompt's sample
 depends on the seed, its index and itself, not on which other prompts share its batch or when they finish.
 """
+
 from __future__ import annotations
 
 import math
@@ -44,13 +45,18 @@ class GenerationParams:
         if self.max_new_tokens is not None and (not _is_int(self.max_new_tokens) or self.max_new_tokens < 0):
             raise ConfigError(f"generation: max_new_tokens={self.max_new_tokens!r} must be an integer >= 0")
         ratio = self.max_new_tokens_ratio
-        if ratio is not None and (isinstance(ratio, bool) or not isinstance(ratio, (int, float))
-                                  or not math.isfinite(ratio) or ratio <= 0):
+        if ratio is not None and (
+            isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not math.isfinite(ratio) or ratio <= 0
+        ):
             raise ConfigError(f"generation: max_new_tokens_ratio={ratio!r} must be a positive number")
         if not _is_int(self.ratio_slack) or self.ratio_slack < 0:
             raise ConfigError(f"generation: ratio_slack={self.ratio_slack!r} must be an integer >= 0")
-        if isinstance(self.temperature, bool) or not isinstance(self.temperature, (int, float)) \
-                or not self.temperature >= 0 or not math.isfinite(self.temperature):
+        if (
+            isinstance(self.temperature, bool)
+            or not isinstance(self.temperature, (int, float))
+            or not self.temperature >= 0
+            or not math.isfinite(self.temperature)
+        ):
             raise ConfigError(f"generation: temperature={self.temperature!r} must be a number >= 0 (0: greedy)")
         if not _is_int(self.top_k) or self.top_k < 0:
             raise ConfigError(f"generation: top_k={self.top_k!r} must be an integer >= 0 (0: no limit)")
@@ -92,7 +98,7 @@ def _is_int(value: object) -> bool:
 
 def row_seed(seed: int, index: int) -> int:
     """The seed of the generator of the ``index``-th prompt of a request seeded ``seed``."""
-    return (seed * 1_000_003 + index * 7_919 + 1) % (2 ** 63)
+    return (seed * 1_000_003 + index * 7_919 + 1) % (2**63)
 
 
 def _filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
@@ -110,8 +116,9 @@ def _filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tens
     return logits
 
 
-def next_tokens(logits: torch.Tensor, params: GenerationParams,
-                generators: Optional[Sequence[torch.Generator]] = None) -> torch.Tensor:
+def next_tokens(
+    logits: torch.Tensor, params: GenerationParams, generators: Optional[Sequence[Optional[torch.Generator]]] = None
+) -> torch.Tensor:
     """The next token ``[batch]`` of each row of ``logits`` ``[batch, vocab]``: argmax when greedy, else one
     draw per row from the filtered, tempered distribution with that row's generator."""
     if params.greedy:  # max's indices: argmax's (the first maximum), and faster on CPU
@@ -119,5 +126,6 @@ def next_tokens(logits: torch.Tensor, params: GenerationParams,
     if generators is None or len(generators) != logits.shape[0]:
         raise ValueError("next_tokens: sampling needs one torch.Generator per row")
     probs = torch.softmax(_filter_logits(logits.float() / params.temperature, params.top_k, params.top_p), dim=-1)
-    return torch.cat([torch.multinomial(probs[row], 1, generator=generator)
-                      for row, generator in enumerate(generators)])
+    return torch.cat(
+        [torch.multinomial(probs[row], 1, generator=generator) for row, generator in enumerate(generators)]
+    )

@@ -17,11 +17,12 @@ default stride the windows do not overlap: the first token predicted in each win
 Windows of all documents are sorted by length and batched up to ``batch_tokens`` tokens per forward pass
 (right-padded: with causal attention the padding never affects the real tokens).
 """
+
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable, List, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -30,7 +31,10 @@ from megalign.data.tokenizers import Tokenizer
 from megalign.errors import ConfigError, TokenizerError
 from megalign.utils.progress import ProgressMeter
 
-__all__ = ["DocumentScore", "PerplexityScorer", "checkpoint_scorer", "score_windows"]
+if TYPE_CHECKING:
+    from megalign.model.decoder import GPTModel
+
+__all__ = ["DocumentScore", "PerplexityScorer", "score_windows"]
 
 
 @dataclass(frozen=True)
@@ -64,18 +68,26 @@ def _width(window: Tuple[int, int, int, int]) -> int:
 class PerplexityScorer:
     """Scores documents with ``model`` (a whole GPTModel in one process) and ``tokenizer`` (see the module doc)."""
 
-    def __init__(self, model: torch.nn.Module, tokenizer: Tokenizer, max_length: Optional[int] = None,
-                 stride: Optional[int] = None, add_bos: bool = False, batch_tokens: int = 4096) -> None:
+    def __init__(
+        self,
+        model: GPTModel,
+        tokenizer: Tokenizer,
+        max_length: Optional[int] = None,
+        stride: Optional[int] = None,
+        add_bos: bool = False,
+        batch_tokens: int = 4096,
+    ) -> None:
         if not model.stage.first or not model.stage.last:
             raise ConfigError("PerplexityScorer needs the whole model in this process (no pipeline stages)")
         if tokenizer.vocab_size > model.config.vocab_size:
-            raise TokenizerError(f"tokenizer has {tokenizer.vocab_size} tokens, more than the model's vocabulary of "
-                                 f"{model.config.vocab_size}")
+            raise TokenizerError(
+                f"tokenizer has {tokenizer.vocab_size} tokens, more than the model's vocabulary of "
+                f"{model.config.vocab_size}"
+            )
         if add_bos and tokenizer.bos is None:
             raise TokenizerError(f"add_bos: tokenizer {tokenizer.tokenizer_type} has no BOS token")
         self.model, self.tokenizer, self.add_bos = model, tokenizer, add_bos
-        self.max_length = min(max_length or model.config.max_position_embeddings,
-                              model.config.max_position_embeddings)
+        self.max_length = min(max_length or model.config.max_position_embeddings, model.config.max_position_embeddings)
         self.stride = self.max_length if stride is None else stride
         score_windows(0, self.max_length, self.stride)  # validates the stride
         if isinstance(batch_tokens, bool) or not isinstance(batch_tokens, int) or batch_tokens < 1:
@@ -89,7 +101,9 @@ class PerplexityScorer:
             raise TypeError("PerplexityScorer.score takes a list of texts, not one string")
         documents = self.tokenizer.encode_batch(list(texts))
         if self.add_bos:
-            documents = [[self.tokenizer.bos] + ids for ids in documents]
+            bos = self.tokenizer.bos
+            assert bos is not None  # __init__ refuses add_bos without a BOS token
+            documents = [[bos] + ids for ids in documents]
         return self.score_ids(documents, progress)
 
     def score_ids(self, documents: Sequence[Sequence[int]], progress: bool = False) -> List[DocumentScore]:
@@ -99,8 +113,11 @@ class PerplexityScorer:
         for index, ids in enumerate(docs):
             if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= vocab):
                 raise TokenizerError(f"document {index}: token ids must be in 0..{vocab - 1}")
-        windows = [(doc, *window) for doc, ids in enumerate(docs)
-                   for window in score_windows(len(ids), self.max_length, self.stride)]
+        windows = [
+            (doc, *window)
+            for doc, ids in enumerate(docs)
+            for window in score_windows(len(ids), self.max_length, self.stride)
+        ]
         windows.sort(key=_width)
         nll = [0.0] * len(docs)
         counts = [0] * len(docs)
@@ -118,8 +135,10 @@ class PerplexityScorer:
                 meter.update(windows=len(batch), tokens=sum(_width(w) for w in batch))
                 start = stop
         meter.close()
-        return [DocumentScore(ppl=math.exp(total / count) if count else None, tokens=count, nll=total)
-                for total, count in zip(nll, counts)]
+        return [
+            DocumentScore(ppl=math.exp(total / count) if count else None, tokens=count, nll=total)
+            for total, count in zip(nll, counts)
+        ]
 
     def _score_batch(self, docs: List[torch.Tensor], batch: List[Tuple[int, int, int, int]]) -> List[float]:
         """Summed NLL of the scored tokens of each window in ``batch`` (one forward pass)."""
@@ -128,28 +147,8 @@ class PerplexityScorer:
         labels = torch.full((len(batch), width), -100, dtype=torch.long)
         for row, (doc, start, end, first) in enumerate(batch):
             ids = docs[doc]
-            tokens[row, :end - 1 - start] = ids[start:end - 1]
-            labels[row, first - 1 - start:end - 1 - start] = ids[first:end]  # input position i predicts token i + 1
-        logits = self.model(tokens.to(self.device))[..., :self.tokenizer.vocab_size].float()
+            tokens[row, : end - 1 - start] = ids[start : end - 1]
+            labels[row, first - 1 - start : end - 1 - start] = ids[first:end]  # input position i predicts token i + 1
+        logits = self.model(tokens.to(self.device))[..., : self.tokenizer.vocab_size].float()
         losses = F.cross_entropy(logits.transpose(1, 2), labels.to(self.device), ignore_index=-100, reduction="none")
         return losses.sum(dim=1).tolist()
-
-
-def checkpoint_scorer(load: str, tokenizer_type: Optional[str] = None, tokenizer_model: Optional[str] = None,
-                      batch_size: int = 8, dtype: str = "fp32", device: str = "cpu"
-                      ) -> Callable[[List[str]], List[float]]:
-    """A function ``texts -> perplexities`` over the checkpoint in ``load`` (tokenizer resolved as
-    :func:`megalign.inference.model_loading.load_model` does), running up to ``batch_size`` full-length
-    windows per forward pass. A document with no predicted token (fewer than two) scores ``nan``."""
-    from megalign.inference.model_loading import load_model  # model_loading builds scorers: import lazily
-
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ConfigError(f"--batch-size {batch_size!r} must be a positive integer")
-    loaded = load_model(load, dtype=dtype, device=device, tokenizer_type=tokenizer_type,
-                        tokenizer_model=tokenizer_model)
-    scorer = loaded.scorer(batch_tokens=batch_size * loaded.max_length)
-
-    def score(texts: List[str]) -> List[float]:
-        return [math.nan if s.ppl is None else s.ppl for s in scorer.score(texts)]
-
-    return score

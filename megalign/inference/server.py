@@ -13,6 +13,7 @@ Defaults follow OpenAI: ``max_tokens`` 16 for completions and the rest of the co
 ``temperature`` 1.0, ``top_p`` 1.0. The server binds 127.0.0.1 unless told otherwise, and with an
 ``api_key`` requires ``Authorization: Bearer KEY``.
 """
+
 from __future__ import annotations
 
 import json
@@ -35,8 +36,14 @@ _MAX_BODY = 64 * 1024 * 1024
 class ApiError(Exception):
     """An error reply: HTTP ``status`` and OpenAI's error ``type``/``param``/``code``."""
 
-    def __init__(self, status: int, message: str, kind: str = "invalid_request_error", param: Optional[str] = None,
-                 code: Optional[str] = None) -> None:
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        kind: str = "invalid_request_error",
+        param: Optional[str] = None,
+        code: Optional[str] = None,
+    ) -> None:
         super().__init__(message)
         self.status, self.kind, self.param, self.code = status, kind, param, code
 
@@ -63,11 +70,16 @@ def parse_generation_params(body: Dict[str, Any], default_max_tokens: Optional[i
         raise ApiError(400, "only n=1 is supported", param="n")
     max_tokens = _number(body, "max_tokens", body.get("max_completion_tokens", default_max_tokens), int)
     try:
-        return GenerationParams(max_new_tokens=max_tokens if max_tokens is not None else None,
-                                max_new_tokens_ratio=None if max_tokens is not None else 1e9, ratio_slack=0,
-                                temperature=_number(body, "temperature", 1.0), top_p=_number(body, "top_p", 1.0),
-                                top_k=_number(body, "top_k", 0, int), seed=_number(body, "seed", None, int),
-                                stop=stops)
+        return GenerationParams(
+            max_new_tokens=max_tokens if max_tokens is not None else None,
+            max_new_tokens_ratio=None if max_tokens is not None else 1e9,
+            ratio_slack=0,
+            temperature=_number(body, "temperature", 1.0),
+            top_p=_number(body, "top_p", 1.0),
+            top_k=_number(body, "top_k", 0, int),
+            seed=_number(body, "seed", None, int),
+            stop=stops,
+        )
     except ConfigError as exc:
         raise ApiError(400, str(exc).replace("generation: ", "")) from None
 
@@ -79,8 +91,14 @@ class ModelServer:
     params)`` returning Completions (e.g. megalign.align.rule_based_expert.RuleBasedExpert).
     """
 
-    def __init__(self, engine: BatchingEngine, model_name: str, host: str = "127.0.0.1", port: int = 8000,
-                 api_key: Optional[str] = None) -> None:
+    def __init__(
+        self,
+        engine: BatchingEngine,
+        model_name: str,
+        host: str = "127.0.0.1",
+        port: int = 8000,
+        api_key: Optional[str] = None,
+    ) -> None:
         self.engine, self.model_name, self.api_key = engine, model_name, api_key
         self.created = int(time.time())
         server = self
@@ -95,6 +113,7 @@ class ModelServer:
     @property
     def base_url(self) -> str:
         host, port = self.httpd.server_address[:2]
+        assert isinstance(host, str)  # server_bind() stores socket.getsockname(), whose host is a str
         return f"http://{host}:{port}/v1"
 
     def serve_forever(self) -> None:
@@ -120,21 +139,28 @@ class ModelServer:
 
     # ---- the API -------------------------------------------------------------------------------------
     def models(self) -> Dict[str, Any]:
-        return {"object": "list", "data": [{"id": self.model_name, "object": "model", "created": self.created,
-                                            "owned_by": "megalign"}]}
+        return {
+            "object": "list",
+            "data": [{"id": self.model_name, "object": "model", "created": self.created, "owned_by": "megalign"}],
+        }
 
     def _check_model(self, body: Dict[str, Any]) -> None:
         model = body.get("model")
         if model is not None and model != self.model_name:
-            raise ApiError(404, f"model {model!r} does not exist; this server serves {self.model_name!r}",
-                           param="model", code="model_not_found")
+            raise ApiError(
+                404,
+                f"model {model!r} does not exist; this server serves {self.model_name!r}",
+                param="model",
+                code="model_not_found",
+            )
 
     def _run(self, prompts: List[str], params: GenerationParams) -> List[Completion]:
         try:
             return self.engine.generate(prompts, params)
         except PromptTooLongError as exc:
-            raise ApiError(400, str(exc), param="prompt" if len(prompts) > 1 else None,
-                           code="context_length_exceeded") from None
+            raise ApiError(
+                400, str(exc), param="prompt" if len(prompts) > 1 else None, code="context_length_exceeded"
+            ) from None
 
     @staticmethod
     def _usage(results: List[Completion]) -> Dict[str, int]:
@@ -149,19 +175,34 @@ class ModelServer:
         if not isinstance(prompts, list) or not prompts or not all(isinstance(p, str) for p in prompts):
             raise ApiError(400, "'prompt' must be a string or a non-empty list of strings", param="prompt")
         results = self._run(prompts, parse_generation_params(body, 16))
-        return {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
-                "model": self.model_name, "usage": self._usage(results),
-                "choices": [{"index": i, "text": r.text, "finish_reason": r.finish_reason, "logprobs": None}
-                            for i, r in enumerate(results)]}
+        return {
+            "id": f"cmpl-{uuid.uuid4().hex}",
+            "object": "text_completion",
+            "created": int(time.time()),
+            "model": self.model_name,
+            "usage": self._usage(results),
+            "choices": [
+                {"index": i, "text": r.text, "finish_reason": r.finish_reason, "logprobs": None}
+                for i, r in enumerate(results)
+            ],
+        }
 
     def chat_completions(self, body: Dict[str, Any]) -> Dict[str, Any]:
         self._check_model(body)
         messages = body.get("messages")
-        if not isinstance(messages, list) or not messages or not all(
+        if (
+            not isinstance(messages, list)
+            or not messages
+            or not all(
                 isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
-                for m in messages):
-            raise ApiError(400, "'messages' must be a non-empty list of {role, content} objects with string "
-                           "content", param="messages")
+                for m in messages
+            )
+        ):
+            raise ApiError(
+                400,
+                "'messages' must be a non-empty list of {role, content} objects with string content",
+                param="messages",
+            )
         params = parse_generation_params(body, None)
         try:
             results = self.engine.chat([[{"role": m["role"], "content": m["content"]} for m in messages]], params)
@@ -169,10 +210,21 @@ class ModelServer:
             raise ApiError(400, str(exc), code="context_length_exceeded") from None
         except ChatTemplateError as exc:
             raise ApiError(400, str(exc), param="messages") from None
-        return {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion", "created": int(time.time()),
-                "model": self.model_name, "usage": self._usage(results),
-                "choices": [{"index": 0, "message": {"role": "assistant", "content": results[0].text},
-                             "finish_reason": results[0].finish_reason, "logprobs": None}]}
+        return {
+            "id": f"chatcmpl-{uuid.uuid4().hex}",
+            "object": "chat.completion",
+            "created": int(time.time()),
+            "model": self.model_name,
+            "usage": self._usage(results),
+            "choices": [
+                {
+                    "index": 0,
+                    "message": {"role": "assistant", "content": results[0].text},
+                    "finish_reason": results[0].finish_reason,
+                    "logprobs": None,
+                }
+            ],
+        }
 
 
 def _stream_chunks(reply: Dict[str, Any]) -> List[Dict[str, Any]]:
@@ -183,10 +235,20 @@ def _stream_chunks(reply: Dict[str, Any]) -> List[Dict[str, Any]]:
     for choice in reply["choices"]:
         text = choice["message"]["content"] if chat else choice["text"]
         for payload, reason in ((text, None), ("", choice["finish_reason"])):
-            part = ({"delta": {"role": "assistant", "content": payload} if reason is None else {}}
-                    if chat else {"text": payload})
-            chunks.append({"id": reply["id"], "object": kind, "created": reply["created"], "model": reply["model"],
-                           "choices": [{"index": choice["index"], **part, "finish_reason": reason}]})
+            part = (
+                {"delta": {"role": "assistant", "content": payload} if reason is None else {}}
+                if chat
+                else {"text": payload}
+            )
+            chunks.append(
+                {
+                    "id": reply["id"],
+                    "object": kind,
+                    "created": reply["created"],
+                    "model": reply["model"],
+                    "choices": [{"index": choice["index"], **part, "finish_reason": reason}],
+                }
+            )
     chunks[-1]["usage"] = reply["usage"]
     return chunks
 
@@ -224,19 +286,31 @@ class _Handler(BaseHTTPRequestHandler):
     def _handle(self, method: str) -> None:
         try:
             if not self._authorised():
-                raise ApiError(401, "missing or wrong API key (send 'Authorization: Bearer KEY')",
-                               kind="authentication_error", code="invalid_api_key")
+                raise ApiError(
+                    401,
+                    "missing or wrong API key (send 'Authorization: Bearer KEY')",
+                    kind="authentication_error",
+                    code="invalid_api_key",
+                )
             path = self.path.split("?", 1)[0].rstrip("/")
-            routes = {("GET", "/v1/models"): None, ("POST", "/v1/completions"): self.owner.completions,
-                      ("POST", "/v1/chat/completions"): self.owner.chat_completions}
+            routes = {
+                ("GET", "/v1/models"): None,
+                ("POST", "/v1/completions"): self.owner.completions,
+                ("POST", "/v1/chat/completions"): self.owner.chat_completions,
+            }
             if (method, path) not in routes:
-                raise ApiError(404, f"no route {method} {path}; this server has GET /v1/models, POST "
-                               "/v1/completions and POST /v1/chat/completions", code="not_found")
-            if method == "GET":
+                raise ApiError(
+                    404,
+                    f"no route {method} {path}; this server has GET /v1/models, POST "
+                    "/v1/completions and POST /v1/chat/completions",
+                    code="not_found",
+                )
+            route = routes[(method, path)]
+            if route is None:  # GET /v1/models
                 self._send(200, self.owner.models())
                 return
             body = self._read_json()
-            reply = routes[(method, path)](body)
+            reply = route(body)
             if body.get("stream"):
                 self._send_stream(reply)
             else:
@@ -244,8 +318,10 @@ class _Handler(BaseHTTPRequestHandler):
         except ApiError as error:
             self._send(error.status, error.body())
         except Exception as exc:  # a bug or a generation failure: the client gets a 500, the server stays up
-            self._send(HTTPStatus.INTERNAL_SERVER_ERROR, ApiError(500, f"{type(exc).__name__}: {exc}",
-                                                                  kind="server_error").body())
+            self._send(
+                HTTPStatus.INTERNAL_SERVER_ERROR,
+                ApiError(500, f"{type(exc).__name__}: {exc}", kind="server_error").body(),
+            )
 
     def _read_json(self) -> Dict[str, Any]:
         length = int(self.headers.get("Content-Length") or 0)

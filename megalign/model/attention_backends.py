@@ -14,6 +14,7 @@ reference and the CPU path; the GPU libraries are imported only when chosen, so 
 flash-attn treats each run of equal ``segment_ids`` in a row as one document (varlen kernel): packed samples
 from GPTDataset have exactly that shape. SDPA and Transformer Engine use the dense document mask.
 """
+
 from __future__ import annotations
 
 import importlib
@@ -22,12 +23,18 @@ from typing import Any, Callable, Dict, Optional, Tuple
 import torch
 import torch.nn.functional as F
 
+from megalign.config.model import ATTENTION_BACKENDS
 from megalign.errors import ConfigError
 
-__all__ = ["ATTENTION_BACKENDS", "check_attention_backend", "cumulative_document_lengths", "document_causal_mask",
-           "dot_product_attention", "resolve_attention_backend"]
+__all__ = [
+    "ATTENTION_BACKENDS",
+    "check_attention_backend",
+    "cumulative_document_lengths",
+    "document_causal_mask",
+    "dot_product_attention",
+    "resolve_attention_backend",
+]
 
-ATTENTION_BACKENDS = ("auto", "flash", "te", "sdpa")
 _HALF = (torch.float16, torch.bfloat16)
 
 
@@ -84,8 +91,10 @@ def check_attention_backend(requested: str, device: torch.device, dtype: torch.d
     backend = resolve_attention_backend(requested, device, dtype)
     reason = _unavailable(backend, device, dtype)
     if reason is not None:
-        raise ConfigError(f"--attention-backend {requested}: cannot be used because {reason}; use "
-                          "--attention-backend auto to fall back to torch SDPA")
+        raise ConfigError(
+            f"--attention-backend {requested}: cannot be used because {reason}; use "
+            "--attention-backend auto to fall back to torch SDPA"
+        )
     return backend
 
 
@@ -125,14 +134,22 @@ def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, segment_ids: Option
 
 def _flash(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, segment_ids: Optional[torch.Tensor]) -> torch.Tensor:
     flash_attn = _flash_attn()
+    assert flash_attn is not None  # the backend was resolved or checked as available
     if segment_ids is None:  # flash-attn takes [batch, seq, heads, dim] and fewer k/v heads (GQA) as they are
         return flash_attn.flash_attn_func(q, k, v, dropout_p=0.0, causal=True)
     batch, seq = segment_ids.shape
     cu_seqlens, max_seqlen = cumulative_document_lengths(segment_ids)
     out = flash_attn.flash_attn_varlen_func(
-        q.reshape(batch * seq, *q.shape[2:]), k.reshape(batch * seq, *k.shape[2:]),
-        v.reshape(batch * seq, *v.shape[2:]), cu_seqlens, cu_seqlens, max_seqlen, max_seqlen,
-        dropout_p=0.0, causal=True)
+        q.reshape(batch * seq, *q.shape[2:]),
+        k.reshape(batch * seq, *k.shape[2:]),
+        v.reshape(batch * seq, *v.shape[2:]),
+        cu_seqlens,
+        cu_seqlens,
+        max_seqlen,
+        max_seqlen,
+        dropout_p=0.0,
+        causal=True,
+    )
     return out.reshape(q.shape)
 
 
@@ -140,9 +157,11 @@ def _te_module(heads: int, kv_heads: int, head_dim: int, mask_type: str) -> torc
     """One Transformer Engine DotProductAttention per shape and mask kind (it holds no weights)."""
     key = (heads, kv_heads, head_dim, mask_type)
     if key not in _TE_MODULES:
-        _TE_MODULES[key] = _transformer_engine().DotProductAttention(
-            heads, head_dim, num_gqa_groups=kv_heads, attention_dropout=0.0, qkv_format="bshd",
-            attn_mask_type=mask_type)
+        te = _transformer_engine()
+        assert te is not None  # the backend was resolved or checked as available
+        _TE_MODULES[key] = te.DotProductAttention(
+            heads, head_dim, num_gqa_groups=kv_heads, attention_dropout=0.0, qkv_format="bshd", attn_mask_type=mask_type
+        )
     return _TE_MODULES[key]
 
 
@@ -152,15 +171,17 @@ def _te(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, segment_ids: Optional
         out = _te_module(heads, kv_heads, head_dim, "causal")(q, k, v)
     else:  # Transformer Engine's "arbitrary" masks mark the positions to EXCLUDE with True
         out = _te_module(heads, kv_heads, head_dim, "arbitrary")(
-            q, k, v, attention_mask=~document_causal_mask(segment_ids))
+            q, k, v, attention_mask=~document_causal_mask(segment_ids)
+        )
     return out.reshape(q.shape)
 
 
 _KERNELS: Dict[str, Callable[..., torch.Tensor]] = {"sdpa": _sdpa, "flash": _flash, "te": _te}
 
 
-def dot_product_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, segment_ids: Optional[torch.Tensor] = None,
-                          backend: str = "auto") -> torch.Tensor:
+def dot_product_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, segment_ids: Optional[torch.Tensor] = None, backend: str = "auto"
+) -> torch.Tensor:
     """Causal ``softmax(q kᵀ / sqrt(head_dim)) v`` of ``[batch, seq, heads, head_dim]`` tensors with ``backend``.
 
     ``k``/``v`` may have fewer heads than ``q`` (grouped-query attention: each key/value head serves

@@ -26,32 +26,42 @@ sequence, so the residual stream and the norms hold ``[batch, seq / tp, hidden]`
 all-gather their input and reduce-scatter their output; the LM head all-gathers the final norm's output.
 Norm weights are replicated and their gradients summed over TP ranks (each saw part of the sequence).
 
-Incremental decoding (``kv_cache``, a :class:`megalign.inference.kv_cache.KVCache`): ``tokens`` are only the
+Incremental decoding (``kv_cache``, a :class:`megalign.model.kv_cache.KVCache`): ``tokens`` are only the
 new tokens; their keys and values are appended to the cache, positions default to the cache offset
 onwards, and attention covers every cached slot (see the cache's module for the padding rule). Without a
 cache the model runs exactly as before.
 """
+
 from __future__ import annotations
 
 import math
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Iterator, List, Optional, Tuple
+from typing import TYPE_CHECKING, Iterator, List, Optional, Tuple, Union, cast
 
 import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from megalign.config.model import ModelConfig, ModelOptions
 from megalign.model.attention import Attention
-from megalign.model.config import ModelConfig, ModelOptions
 from megalign.model.mlp import MLP
 from megalign.ops import rms_norm, rotary_cos_sin
-from megalign.parallel import (ColumnParallelLinear, InitMethod, ParallelContext, VocabParallelEmbedding,
-                               column_parallel_linear, gather_from_tensor_parallel, init_normal, mark_tensor_parallel,
-                               sequence_parallel_parameter, vocab_parallel_cross_entropy)
+from megalign.parallel import (
+    ColumnParallelLinear,
+    InitMethod,
+    ParallelContext,
+    VocabParallelEmbedding,
+    column_parallel_linear,
+    gather_from_tensor_parallel,
+    init_normal,
+    mark_tensor_parallel,
+    sequence_parallel_parameter,
+    vocab_parallel_cross_entropy,
+)
 
-if TYPE_CHECKING:  # the model does not depend on the inference package at run time
-    from megalign.inference.kv_cache import KVCache, LayerCache
+if TYPE_CHECKING:
+    from megalign.model.kv_cache import KVCache, LayerCache
 
 __all__ = ["DecoderLayer", "GPTModel", "PipelineStage", "RMSNorm", "recompute_plan"]
 
@@ -68,7 +78,7 @@ class PipelineStage:
 
 def _module_seed(base: int, index: int) -> int:
     """The init seed of the ``index``-th module (embedding -1, layers 0.., LM head -2) of a model seeded ``base``."""
-    return (base * 1_000_003 + index + 3) % (2 ** 63)
+    return (base * 1_000_003 + index + 3) % (2**63)
 
 
 class RMSNorm(nn.Module):
@@ -86,16 +96,28 @@ class RMSNorm(nn.Module):
 class DecoderLayer(nn.Module):
     """One pre-norm block: attention and MLP, each behind an RMSNorm and added to the residual."""
 
-    def __init__(self, config: ModelConfig, context: ParallelContext, init_method: InitMethod,
-                 output_init_method: InitMethod, options: ModelOptions = ModelOptions()) -> None:
+    def __init__(
+        self,
+        config: ModelConfig,
+        context: ParallelContext,
+        init_method: InitMethod,
+        output_init_method: InitMethod,
+        options: ModelOptions = ModelOptions(),
+    ) -> None:
         super().__init__()
         self.input_norm = RMSNorm(config.hidden_size, config.rms_norm_eps, context)
         self.attention = Attention(config, context, init_method, output_init_method, options)
         self.mlp_norm = RMSNorm(config.hidden_size, config.rms_norm_eps, context)
         self.mlp = MLP(config, context, init_method, output_init_method)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                segment_ids: Optional[torch.Tensor] = None, cache: Optional["LayerCache"] = None) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        segment_ids: Optional[torch.Tensor] = None,
+        cache: Optional["LayerCache"] = None,
+    ) -> torch.Tensor:
         x = x + self.attention(self.input_norm(x), cos, sin, segment_ids, cache)
         return x + self.mlp(self.mlp_norm(x))
 
@@ -110,6 +132,7 @@ def recompute_plan(num_layers: int, options: ModelOptions) -> List[Tuple[range, 
     """
     if options.recompute_granularity != "full":
         return [(range(num_layers), False)]
+    assert options.recompute_num_layers is not None  # ModelOptions requires it with full recomputation
     n = min(options.recompute_num_layers, num_layers)
     if options.recompute_method == "uniform":
         return [(range(start, min(start + n, num_layers)), True) for start in range(0, num_layers, n)]
@@ -131,13 +154,20 @@ class GPTModel(nn.Module):
     ``options`` choose the attention kernel and activation recomputation (they do not change the result).
     """
 
-    def __init__(self, config: ModelConfig, context: ParallelContext = ParallelContext(),
-                 options: ModelOptions = ModelOptions(), stage: Optional[PipelineStage] = None) -> None:
+    def __init__(
+        self,
+        config: ModelConfig,
+        context: ParallelContext = ParallelContext(),
+        options: ModelOptions = ModelOptions(),
+        stage: Optional[PipelineStage] = None,
+    ) -> None:
         super().__init__()
         self.config, self.context, self.options = config, context, options
         self.stage = stage or PipelineStage(range(config.num_layers))
         if self.stage.layers.start < 0 or self.stage.layers.stop > config.num_layers or self.stage.layers.step != 1:
-            raise ValueError(f"GPTModel: stage layers {self.stage.layers} are not a slice of {config.num_layers} layers")
+            raise ValueError(
+                f"GPTModel: stage layers {self.stage.layers} are not a slice of {config.num_layers} layers"
+            )
         init_method = init_normal(config.init_std)
         output_init_method = init_normal(config.init_std / math.sqrt(2.0 * config.num_layers))
         # Each module draws its weights from its own seed derived from torch.manual_seed's seed, so a pipeline
@@ -160,13 +190,21 @@ class GPTModel(nn.Module):
             self.final_norm = RMSNorm(config.hidden_size, config.rms_norm_eps, context)
             if not config.tie_word_embeddings:
                 with _seeded(_module_seed(base, -2)):
-                    self.lm_head = ColumnParallelLinear(config.hidden_size, config.vocab_size, context, bias=False,
-                                                        init_method=init_method)
+                    self.lm_head = ColumnParallelLinear(
+                        config.hidden_size, config.vocab_size, context, bias=False, init_method=init_method
+                    )
 
-    def forward(self, tokens: torch.Tensor, position_ids: Optional[torch.Tensor] = None,
-                segment_ids: Optional[torch.Tensor] = None, labels: Optional[torch.Tensor] = None,
-                loss_mask: Optional[torch.Tensor] = None, hidden_states: Optional[torch.Tensor] = None,
-                kv_cache: Optional["KVCache"] = None, logits_to_keep: Optional[int] = None) -> torch.Tensor:
+    def forward(
+        self,
+        tokens: torch.Tensor,
+        position_ids: Optional[torch.Tensor] = None,
+        segment_ids: Optional[torch.Tensor] = None,
+        labels: Optional[torch.Tensor] = None,
+        loss_mask: Optional[torch.Tensor] = None,
+        hidden_states: Optional[torch.Tensor] = None,
+        kv_cache: Optional["KVCache"] = None,
+        logits_to_keep: Optional[int] = None,
+    ) -> torch.Tensor:
         """Logits ``[batch, seq, vocab]`` of ``tokens`` ``[batch, seq]``, or the training loss when ``labels`` is given.
 
         A pipeline stage that is not the first takes the previous stage's output as ``hidden_states`` (``tokens``
@@ -186,28 +224,37 @@ class GPTModel(nn.Module):
         ``logits_to_keep``: return the logits of the last ``logits_to_keep`` positions only (prefill of long
         prompts needs just the last one); not with ``labels``.
         """
-        self._check_inputs(tokens, position_ids=position_ids, segment_ids=segment_ids, labels=labels,
-                           loss_mask=loss_mask)
+        self._check_inputs(
+            tokens, position_ids=position_ids, segment_ids=segment_ids, labels=labels, loss_mask=loss_mask
+        )
         config, tp = self.config, self.context.tensor_model_parallel_size
         if self.context.sequence_parallel and tokens.shape[1] % tp:
-            raise ValueError(f"GPTModel: sequence length {tokens.shape[1]} must be a multiple of the tensor-parallel "
-                             f"size {tp} with --sequence-parallel (the sequence is split over the TP ranks)")
+            raise ValueError(
+                f"GPTModel: sequence length {tokens.shape[1]} must be a multiple of the tensor-parallel "
+                f"size {tp} with --sequence-parallel (the sequence is split over the TP ranks)"
+            )
         if (kv_cache is not None or logits_to_keep is not None) and self.context.sequence_parallel:
             raise ValueError("GPTModel: kv_cache and logits_to_keep cannot be used with sequence parallelism")
         if logits_to_keep is not None and (labels is not None or logits_to_keep < 1):
-            raise ValueError(f"GPTModel: logits_to_keep={logits_to_keep} must be a positive number of positions, "
-                             "and cannot be combined with labels")
+            raise ValueError(
+                f"GPTModel: logits_to_keep={logits_to_keep} must be a positive number of positions, "
+                "and cannot be combined with labels"
+            )
+        positions: Union[int, torch.Tensor]
         if position_ids is not None:
             positions = position_ids
         else:
             positions = tokens.shape[1] if kv_cache is None else kv_cache.default_positions(tokens.shape[1])
-        cos, sin = rotary_cos_sin(positions, config.head_dim, config.rope_theta, config.rope_scaling,
-                                  device=tokens.device)
+        cos, sin = rotary_cos_sin(
+            positions, config.head_dim, config.rope_theta, config.rope_scaling, device=tokens.device
+        )
         if self.stage.first:
+            assert self.embed_tokens is not None  # the first stage holds the embedding
             x = self.embed_tokens(tokens)
         elif hidden_states is None:
-            raise ValueError(f"GPTModel: pipeline stage with layers {self.stage.layers} needs the previous stage's "
-                             "hidden_states")
+            raise ValueError(
+                f"GPTModel: pipeline stage with layers {self.stage.layers} needs the previous stage's hidden_states"
+            )
         else:
             x = hidden_states
         recompute = torch.is_grad_enabled()
@@ -223,10 +270,12 @@ class GPTModel(nn.Module):
             return x
         if logits_to_keep is not None:
             x = x[:, -logits_to_keep:]
+        assert self.final_norm is not None  # the last stage holds the final norm
         x = self.final_norm(x)
         if self.lm_head is not None:
             logits = self.lm_head(x)
         else:
+            assert self.embed_tokens is not None  # a tied LM head's stage holds the embedding table
             logits = column_parallel_linear(x, self.embed_tokens.weight, None, self.context)
         if labels is None:  # the vocabulary shards gathered (the loss below never gathers them)
             return gather_from_tensor_parallel(logits, self.context)
@@ -236,15 +285,31 @@ class GPTModel(nn.Module):
         mask = loss_mask.to(losses.dtype)
         return (losses * mask).sum() / mask.sum().clamp(min=1.0)
 
-    def _run_layers(self, positions: range, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                    segment_ids: Optional[torch.Tensor]) -> torch.Tensor:
+    def decoder_layer(self, index: int) -> DecoderLayer:
+        """The decoder layer of global number ``index`` (one of ``stage.layers``)."""
+        return cast(DecoderLayer, self.layers[str(index)])  # nn.ModuleDict items are typed as plain Modules
+
+    def _run_layers(
+        self,
+        positions: range,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        segment_ids: Optional[torch.Tensor],
+    ) -> torch.Tensor:
         """Run the stage's layers at ``positions`` (0-based within this stage)."""
         for position in positions:
             x = self.layers[str(self.stage.layers[position])](x, cos, sin, segment_ids)
         return x
 
-    def _run_cached(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, segment_ids: Optional[torch.Tensor],
-                    kv_cache: "KVCache") -> torch.Tensor:
+    def _run_cached(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        segment_ids: Optional[torch.Tensor],
+        kv_cache: "KVCache",
+    ) -> torch.Tensor:
         """Run every layer of the stage on the new tokens ``x``, reading and extending ``kv_cache``."""
         kv_cache.begin_step(x.shape[1], segment_ids)
         try:
@@ -259,11 +324,13 @@ class GPTModel(nn.Module):
     @staticmethod
     def _check_inputs(tokens: torch.Tensor, **others: Optional[torch.Tensor]) -> None:
         if tokens.dim() != 2 or tokens.dtype.is_floating_point:
-            raise ValueError(f"GPTModel: tokens must be an integer tensor [batch, seq], got {tokens.dtype} "
-                             f"{tuple(tokens.shape)}")
+            raise ValueError(
+                f"GPTModel: tokens must be an integer tensor [batch, seq], got {tokens.dtype} {tuple(tokens.shape)}"
+            )
         for name, value in others.items():
             if value is not None and value.shape != tokens.shape:
-                raise ValueError(f"GPTModel: {name} has shape {tuple(value.shape)}; it must match tokens "
-                                 f"{tuple(tokens.shape)}")
+                raise ValueError(
+                    f"GPTModel: {name} has shape {tuple(value.shape)}; it must match tokens {tuple(tokens.shape)}"
+                )
         if others["loss_mask"] is not None and others["labels"] is None:
             raise ValueError("GPTModel: loss_mask was given without labels")

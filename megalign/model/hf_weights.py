@@ -5,14 +5,15 @@ Tensors are passed through unchanged (same objects, dtypes and layouts: both use
 tied embeddings the LM head is the embedding table: HF's ``lm_head.weight`` is ignored on the way in
 and not written on the way out (as ``save_pretrained`` does).
 """
+
 from __future__ import annotations
 
 from typing import Dict, List, Mapping, Tuple
 
 import torch
 
+from megalign.config.model import ModelConfig
 from megalign.errors import DataFormatError
-from megalign.model.config import ModelConfig
 
 __all__ = ["hf_state_dict_to_megalign", "megalign_state_dict_to_hf", "weight_names"]
 
@@ -23,7 +24,7 @@ def weight_names(config: ModelConfig) -> List[Tuple[str, str, Tuple[int, ...]]]:
     """``(megalign name, HF name, shape)`` for every tensor of a model of ``config``'s shape."""
     h, ffn, vocab = config.hidden_size, config.intermediate_size, config.vocab_size
     kv = config.num_key_value_heads * config.head_dim
-    names = [("embed_tokens.weight", "model.embed_tokens.weight", (vocab, h))]
+    names: List[Tuple[str, str, Tuple[int, ...]]] = [("embed_tokens.weight", "model.embed_tokens.weight", (vocab, h))]
     for i in range(config.num_layers):
         ours, hf = f"layers.{i}.", f"model.layers.{i}."
         names += [(ours + "input_norm.weight", hf + "input_layernorm.weight", (h,))]
@@ -44,8 +45,12 @@ def weight_names(config: ModelConfig) -> List[Tuple[str, str, Tuple[int, ...]]]:
     return names
 
 
-def _convert(state_dict: Mapping[str, torch.Tensor], pairs: List[Tuple[str, str, Tuple[int, ...]]],
-             source: str, ignored: Tuple[str, ...]) -> Dict[str, torch.Tensor]:
+def _convert(
+    state_dict: Mapping[str, torch.Tensor],
+    pairs: List[Tuple[str, str, Tuple[int, ...]]],
+    source: str,
+    ignored: Tuple[str, ...],
+) -> Dict[str, torch.Tensor]:
     """Rename ``state_dict`` by ``pairs`` (source name → target name), checking presence and shapes."""
     missing = [src for src, _, _ in pairs if src not in state_dict]
     if missing:
@@ -54,14 +59,17 @@ def _convert(state_dict: Mapping[str, torch.Tensor], pairs: List[Tuple[str, str,
     known = {src for src, _, _ in pairs}
     unexpected = sorted(k for k in state_dict if k not in known and not k.endswith(ignored))
     if unexpected:
-        raise DataFormatError(f"{source} state dict: unexpected tensor(s) {', '.join(unexpected[:5])}; the model "
-                              f"config does not have them (wrong number of layers, biases or tied embeddings?)")
+        raise DataFormatError(
+            f"{source} state dict: unexpected tensor(s) {', '.join(unexpected[:5])}; the model "
+            f"config does not have them (wrong number of layers, biases or tied embeddings?)"
+        )
     out: Dict[str, torch.Tensor] = {}
     for src, dst, shape in pairs:
         tensor = state_dict[src]
         if tuple(tensor.shape) != shape:
-            raise DataFormatError(f"{source} state dict: {src} has shape {tuple(tensor.shape)}, the model config "
-                                  f"needs {shape}")
+            raise DataFormatError(
+                f"{source} state dict: {src} has shape {tuple(tensor.shape)}, the model config needs {shape}"
+            )
         out[dst] = tensor
     return out
 

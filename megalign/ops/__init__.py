@@ -1,5 +1,6 @@
 """Fused ops: one Python API per op. Today each calls its PyTorch reference (the CPU path and the test
 oracle, ``*_reference`` in the op's module); GPU kernels plug in behind the same functions."""
+
 from __future__ import annotations
 
 from megalign.ops.cross_entropy import cross_entropy

@@ -4,6 +4,7 @@
 input dtype, the normalised activations are cast back to ``x.dtype`` and then scaled by ``weight``
 (the order Hugging Face's ``LlamaRMSNorm`` uses, so bf16 results match it).
 """
+
 from __future__ import annotations
 
 import torch
@@ -14,8 +15,9 @@ __all__ = ["rms_norm", "rms_norm_reference"]
 def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """PyTorch reference: the CPU path and the oracle for fused kernels. Returns ``x.dtype``."""
     if weight.dim() != 1 or weight.shape[0] != x.shape[-1]:
-        raise ValueError(f"rms_norm: weight shape {tuple(weight.shape)} does not match the last "
-                         f"dimension of x {tuple(x.shape)}")
+        raise ValueError(
+            f"rms_norm: weight shape {tuple(weight.shape)} does not match the last dimension of x {tuple(x.shape)}"
+        )
     x32 = x.float()
     normed = x32 * torch.rsqrt(x32.pow(2).mean(dim=-1, keepdim=True) + eps)
     return weight.to(x.dtype) * normed.to(x.dtype)

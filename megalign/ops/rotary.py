@@ -13,49 +13,22 @@ The angles ``pos * inv_freq`` are duplicated to ``head_dim`` (``cat(f, f)``) and
 ``x * cos + rotate_half(x) * sin`` where ``rotate_half([a, b]) = [-b, a]`` splits the last dimension in
 halves (not the interleaved pairs of the original Meta checkpoints).
 """
+
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
-from typing import Any, Dict, Optional, Tuple, Union
+from typing import Optional, Tuple, Union
 
 import torch
 
-from megalign.errors import ConfigError
+from megalign.config.model import RopeScaling
 
 __all__ = ["RopeScaling", "apply_rotary", "apply_rotary_reference", "rotary_cos_sin", "rotary_inv_freq"]
 
 
-@dataclass(frozen=True)
-class RopeScaling:
-    """Llama-3.1 ("llama3" rope_type) frequency scaling; Llama-3.1 uses (8, 1, 4, 8192)."""
-
-    factor: float = 8.0
-    low_freq_factor: float = 1.0
-    high_freq_factor: float = 4.0
-    original_max_position_embeddings: int = 8192
-
-    def __post_init__(self) -> None:
-        for name in ("factor", "low_freq_factor", "high_freq_factor"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-                raise ConfigError(f"rope_scaling.{name}={value!r} must be a positive number")
-        if self.factor < 1:
-            raise ConfigError(f"rope_scaling.factor={self.factor} must be >= 1 (it stretches the context)")
-        if not self.high_freq_factor > self.low_freq_factor:
-            raise ConfigError(f"rope_scaling.high_freq_factor={self.high_freq_factor} must be greater than "
-                              f"rope_scaling.low_freq_factor={self.low_freq_factor}")
-        orig = self.original_max_position_embeddings
-        if isinstance(orig, bool) or not isinstance(orig, int) or orig <= 0:
-            raise ConfigError(f"rope_scaling.original_max_position_embeddings={orig!r} must be a positive integer")
-
-    def to_dict(self) -> Dict[str, Any]:
-        """Plain dict of the four parameters (JSON-ready)."""
-        return asdict(self)
-
-
-def rotary_inv_freq(head_dim: int, theta: float, scaling: Optional[RopeScaling] = None,
-                    device: Optional[torch.device] = None) -> torch.Tensor:
+def rotary_inv_freq(
+    head_dim: int, theta: float, scaling: Optional[RopeScaling] = None, device: Optional[torch.device] = None
+) -> torch.Tensor:
     """fp32 inverse frequencies ``[head_dim // 2]``, Llama-3.1-scaled when ``scaling`` is given."""
     if head_dim <= 0 or head_dim % 2:
         raise ValueError(f"rotary: head_dim={head_dim} must be a positive even number")
@@ -72,9 +45,14 @@ def rotary_inv_freq(head_dim: int, theta: float, scaling: Optional[RopeScaling] 
     return torch.where(wavelen < orig / high, inv_freq, out)
 
 
-def rotary_cos_sin(positions: Union[int, torch.Tensor], head_dim: int, theta: float = 10000.0,
-                   scaling: Optional[RopeScaling] = None, dtype: torch.dtype = torch.float32,
-                   device: Optional[torch.device] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+def rotary_cos_sin(
+    positions: Union[int, torch.Tensor],
+    head_dim: int,
+    theta: float = 10000.0,
+    scaling: Optional[RopeScaling] = None,
+    dtype: torch.dtype = torch.float32,
+    device: Optional[torch.device] = None,
+) -> Tuple[torch.Tensor, torch.Tensor]:
     """cos and sin tables for ``positions`` (a sequence length, or position ids ``[seq]`` / ``[batch, seq]``).
 
     Returns two tensors of shape ``positions.shape + (head_dim,)`` (``[seq, head_dim]`` for an int), computed
@@ -86,8 +64,10 @@ def rotary_cos_sin(positions: Union[int, torch.Tensor], head_dim: int, theta: fl
         pos = torch.arange(positions, device=device)
     else:
         if positions.dtype.is_floating_point or positions.dim() not in (1, 2):
-            raise ValueError(f"rotary_cos_sin: position ids must be an integer tensor [seq] or [batch, seq], "
-                             f"got {positions.dtype} {tuple(positions.shape)}")
+            raise ValueError(
+                f"rotary_cos_sin: position ids must be an integer tensor [seq] or [batch, seq], "
+                f"got {positions.dtype} {tuple(positions.shape)}"
+            )
         pos = positions.to(device) if device is not None else positions
     inv_freq = rotary_inv_freq(head_dim, theta, scaling, device=pos.device)
     angles = pos.float().unsqueeze(-1) * inv_freq
@@ -105,8 +85,10 @@ def apply_rotary_reference(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
     if x.dim() != 4:
         raise ValueError(f"apply_rotary: expected x of shape [batch, seq, heads, head_dim], got {tuple(x.shape)}")
     if cos.shape != sin.shape or cos.dim() not in (2, 3) or cos.shape[-2:] != (x.shape[1], x.shape[3]):
-        raise ValueError(f"apply_rotary: cos {tuple(cos.shape)} / sin {tuple(sin.shape)} must be "
-                         f"[seq, head_dim] or [batch, seq, head_dim] for x {tuple(x.shape)}")
+        raise ValueError(
+            f"apply_rotary: cos {tuple(cos.shape)} / sin {tuple(sin.shape)} must be "
+            f"[seq, head_dim] or [batch, seq, head_dim] for x {tuple(x.shape)}"
+        )
     c = cos.float().unsqueeze(-2)
     s = sin.float().unsqueeze(-2)
     x32 = x.float()

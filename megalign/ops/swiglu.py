@@ -1,4 +1,5 @@
 """SwiGLU gating of the LLaMA/Qwen2 MLP (Shazeer, 2020): ``silu(gate) * up``."""
+
 from __future__ import annotations
 
 import torch

@@ -10,6 +10,7 @@ the incoming gradient (zero for ignored positions). Semantics equal :func:`megal
 fp32 result, ``ignore_index`` positions contribute 0 and are left out of the ``"mean"`` count, ``"mean"``
 of nothing is 0, labels outside the (global) vocabulary are a ValueError.
 """
+
 from __future__ import annotations
 
 from typing import Any, Optional, Tuple
@@ -26,8 +27,9 @@ __all__ = ["vocab_parallel_cross_entropy"]
 
 class _VocabParallelCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx: Any, logits: torch.Tensor, labels: torch.Tensor, valid: torch.Tensor, group: Any,
-                vocab_start: int) -> torch.Tensor:
+    def forward(
+        ctx: Any, logits: torch.Tensor, labels: torch.Tensor, valid: torch.Tensor, group: Any, vocab_start: int
+    ) -> torch.Tensor:
         z = logits.float()
         zmax = z.amax(dim=-1)
         dist.all_reduce(zmax, op=dist.ReduceOp.MAX, group=group)
@@ -56,8 +58,13 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
         return grad_logits.to(ctx.logits_dtype), None, None, None, None
 
 
-def vocab_parallel_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, context: ParallelContext,
-                                 ignore_index: int = -100, reduction: str = "mean") -> torch.Tensor:
+def vocab_parallel_cross_entropy(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    context: ParallelContext,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+) -> torch.Tensor:
     """Cross-entropy of this rank's vocabulary slice of the logits ``[..., vocab / tp]`` against the global
     integer ``labels`` ``[...]`` (identical on every TP rank); the result is identical on every TP rank.
 
@@ -66,8 +73,15 @@ def vocab_parallel_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, con
     tp = context.tensor_model_parallel_size
     if tp == 1:
         return cross_entropy(logits, labels, ignore_index=ignore_index, reduction=reduction)
-    valid = _checked_valid_labels(logits, labels, ignore_index, reduction,
-                                  check_range=not torch.compiler.is_compiling(), vocab=logits.shape[-1] * tp)
-    loss = _VocabParallelCrossEntropy.apply(logits, labels, valid, context.group,
-                                            context.tensor_model_parallel_rank * logits.shape[-1])
+    valid = _checked_valid_labels(
+        logits,
+        labels,
+        ignore_index,
+        reduction,
+        check_range=not torch.compiler.is_compiling(),
+        vocab=logits.shape[-1] * tp,
+    )
+    loss = _VocabParallelCrossEntropy.apply(
+        logits, labels, valid, context.group, context.tensor_model_parallel_rank * logits.shape[-1]
+    )
     return reduce_token_losses(loss, valid, reduction)

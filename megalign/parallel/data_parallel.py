@@ -23,6 +23,7 @@ adding a gradient into a bucket whose collective is already in flight raises a R
 
 With one data-parallel rank (``group=None``) nothing is communicated.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -74,7 +75,7 @@ class Bucket:
     @property
     def data(self) -> torch.Tensor:
         """The bucket's gradient elements (padding included)."""
-        return self.buffer.data[self.start:self.end]
+        return self.buffer.data[self.start : self.end]
 
     @property
     def shard_size(self) -> int:
@@ -90,8 +91,13 @@ class Bucket:
 class GradBuffer:
     """The fp32 gradients of all parameters of one model dtype, contiguous, bucketed in backward order."""
 
-    def __init__(self, named_params: Sequence[Tuple[str, nn.Parameter]], dp_size: int, bucket_size: Optional[int],
-                 pad_buckets: bool) -> None:
+    def __init__(
+        self,
+        named_params: Sequence[Tuple[str, nn.Parameter]],
+        dp_size: int,
+        bucket_size: Optional[int],
+        pad_buckets: bool,
+    ) -> None:
         self.param_dtype = named_params[0][1].dtype
         self.dp_size = dp_size
         self.buckets: List[Bucket] = []
@@ -127,8 +133,15 @@ class DataParallelGrads:
     elements (None: :func:`default_bucket_size`). Call :meth:`close` to detach the hooks and buffers.
     """
 
-    def __init__(self, named_params: Sequence[Tuple[str, nn.Parameter]], *, group: Optional[Any] = None,
-                 bucket_size: Optional[int] = None, overlap_grad_reduce: bool = False, shard: bool = False) -> None:
+    def __init__(
+        self,
+        named_params: Sequence[Tuple[str, nn.Parameter]],
+        *,
+        group: Optional[Any] = None,
+        bucket_size: Optional[int] = None,
+        overlap_grad_reduce: bool = False,
+        shard: bool = False,
+    ) -> None:
         if bucket_size is not None and bucket_size < 1:
             raise ValueError(f"bucket_size must be >= 1 element, got {bucket_size}")
         self.group = group
@@ -140,20 +153,23 @@ class DataParallelGrads:
             bucket_size = default_bucket_size(self.dp_size, overlap_grad_reduce)
         for name, param in named_params:
             if hasattr(param, "main_grad"):
-                raise ValueError(f"parameter {name} is already managed by an optimizer; call that optimizer's "
-                                 "close() before building a new one over the same model")
+                raise ValueError(
+                    f"parameter {name} is already managed by an optimizer; call that optimizer's "
+                    "close() before building a new one over the same model"
+                )
             if not param.is_contiguous():
                 raise ValueError(f"parameter {name} is not contiguous; its gradient cannot be a buffer view")
         by_dtype: Dict[torch.dtype, List[Tuple[str, nn.Parameter]]] = {}
         for name, param in named_params:
             by_dtype.setdefault(param.dtype, []).append((name, param))
-        self.buffers = [GradBuffer(params, self.dp_size, bucket_size, pad_buckets=self.shard)
-                        for params in by_dtype.values()]
+        self.buffers = [
+            GradBuffer(params, self.dp_size, bucket_size, pad_buckets=self.shard) for params in by_dtype.values()
+        ]
         self.slots: Dict[int, ParamSlot] = {}
         for buffer in self.buffers:
             for slot in buffer.slots:
                 self.slots[id(slot.param)] = slot
-                slot.param.main_grad = buffer.data[slot.start:slot.end].view(slot.param.shape)
+                slot.param.main_grad = buffer.data[slot.start : slot.end].view(slot.param.shape)
         self._order = [bucket for buffer in self.buffers for bucket in buffer.buckets]
         self._next = 0  # index in _order of the next bucket to launch
         self._sync = True
@@ -186,8 +202,10 @@ class DataParallelGrads:
             return
         slot = self.slots[id(param)]
         if slot.bucket.launched:
-            raise RuntimeError(f"gradient of {slot.name} arrived after its bucket's collective was launched: with "
-                               "overlap_grad_reduce, run every micro-batch but the last inside no_sync()")
+            raise RuntimeError(
+                f"gradient of {slot.name} arrived after its bucket's collective was launched: with "
+                "overlap_grad_reduce, run every micro-batch but the last inside no_sync()"
+            )
         param.main_grad.add_(param.grad)
         param.grad = None
         if self.overlap_grad_reduce and self._sync:
@@ -238,8 +256,9 @@ class DataParallelGrads:
         a, b = max(slot.start, begin), min(slot.end, end)
         return (a - slot.start, b - slot.start) if a < b else None
 
-    def all_gather(self, local: Dict[int, torch.Tensor],
-                   dtype: Optional[torch.dtype] = None) -> Iterator[Tuple[ParamSlot, torch.Tensor]]:
+    def all_gather(
+        self, local: Dict[int, torch.Tensor], dtype: Optional[torch.dtype] = None
+    ) -> Iterator[Tuple[ParamSlot, torch.Tensor]]:
         """Assemble full parameters from every rank's shard values (a collective over the DP group).
 
         ``local`` maps ``id(param)`` to this rank's 1-D values for :meth:`local_range` of that param; the
@@ -248,18 +267,19 @@ class DataParallelGrads:
         buffer that the next bucket reuses, so copy it before advancing.
         """
         for bucket in self._order:
-            flat = torch.zeros(bucket.end - bucket.start, dtype=dtype or bucket.buffer.param_dtype,
-                               device=bucket.buffer.data.device)
+            flat = torch.zeros(
+                bucket.end - bucket.start, dtype=dtype or bucket.buffer.param_dtype, device=bucket.buffer.data.device
+            )
             for slot in bucket.slots:
                 part = self.local_range(slot.param)
                 if part is not None and id(slot.param) in local:
                     a, b = part
-                    flat[slot.start - bucket.start + a:slot.start - bucket.start + b].copy_(local[id(slot.param)])
+                    flat[slot.start - bucket.start + a : slot.start - bucket.start + b].copy_(local[id(slot.param)])
             if self.dp_size > 1:
                 begin = bucket.shard_size * self.dp_rank
-                _all_gather(flat, flat[begin:begin + bucket.shard_size], group=self.group)  # in place
+                _all_gather(flat, flat[begin : begin + bucket.shard_size], group=self.group)  # in place
             for slot in bucket.slots:
-                yield slot, flat[slot.start - bucket.start:slot.end - bucket.start]
+                yield slot, flat[slot.start - bucket.start : slot.end - bucket.start]
 
     def close(self) -> None:
         """Remove the hooks and the ``main_grad`` attributes."""

@@ -3,20 +3,23 @@
 ``torchrun --nproc-per-node N pretrain_gpt.py ...`` (or a SLURM script running torchrun on every node with a
 c10d rendezvous) sets RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and MASTER_PORT; :func:`init_distributed`
 reads them (``env://``). Without WORLD_SIZE > 1 nothing is initialised and the run is single-process.
+:func:`setup_parallel` does both steps of a training run from its parallel section.
 """
+
 from __future__ import annotations
 
 import datetime
 import os
-from typing import Any, Optional
+from typing import Any, Optional, Tuple
 
 import torch
 import torch.distributed as dist
 
+from megalign.config.sections import ParallelSection
 from megalign.errors import ConfigError
-from megalign.parallel.state import default_device
+from megalign.parallel.state import ParallelState, default_device, initialize_parallel
 
-__all__ = ["any_rank", "init_distributed"]
+__all__ = ["any_rank", "init_distributed", "setup_parallel"]
 
 
 def init_distributed(backend: Optional[str] = None, timeout_minutes: int = 10) -> torch.device:
@@ -31,8 +34,10 @@ def init_distributed(backend: Optional[str] = None, timeout_minutes: int = 10) -
         return device
     missing = [name for name in ("RANK", "MASTER_ADDR", "MASTER_PORT") if name not in os.environ]
     if missing:
-        raise ConfigError(f"WORLD_SIZE={world} but {', '.join(missing)} is not set: launch with torchrun "
-                          "(e.g. torchrun --nproc-per-node 4 pretrain_gpt.py ...)")
+        raise ConfigError(
+            f"WORLD_SIZE={world} but {', '.join(missing)} is not set: launch with torchrun "
+            "(e.g. torchrun --nproc-per-node 4 pretrain_gpt.py ...)"
+        )
     backend = backend or ("nccl" if device.type == "cuda" else "gloo")
     if backend == "nccl" and device.type != "cuda":
         raise ConfigError("--distributed-backend nccl needs CUDA GPUs; use gloo on CPUs")
@@ -40,6 +45,17 @@ def init_distributed(backend: Optional[str] = None, timeout_minutes: int = 10) -
         torch.cuda.set_device(device)
     dist.init_process_group(backend, timeout=datetime.timedelta(minutes=timeout_minutes))
     return device
+
+
+def setup_parallel(parallel: ParallelSection) -> Tuple[torch.device, ParallelState]:
+    """Join the job (--distributed-backend, --distributed-timeout-minutes) and build its TP, DP and PP groups
+    (--tensor-model-parallel-size, --pipeline-model-parallel-size, --sequence-parallel); returns the device
+    and this rank's :class:`ParallelState`."""
+    device = init_distributed(parallel.distributed_backend, parallel.distributed_timeout_minutes)
+    state = initialize_parallel(
+        parallel.tensor_model_parallel_size, parallel.pipeline_model_parallel_size, parallel.sequence_parallel
+    )
+    return device, state
 
 
 def any_rank(flag: bool, device: torch.device, group: Optional[Any] = None) -> bool:

@@ -19,6 +19,7 @@ holds exactly the shards of the single-process model built after the same seed; 
 TP runs equal to the single-process run. The cost is a transient full-size tensor per weight on each rank.
 Each parameter is marked with how it is split (:mod:`megalign.parallel.sharding`).
 """
+
 from __future__ import annotations
 
 from typing import Callable, Optional, Tuple
@@ -28,16 +29,30 @@ import torch.nn.functional as F
 from torch import nn
 
 from megalign.errors import ConfigError
-from megalign.parallel.mappings import (all_reduce_gradient, copy_to_tensor_parallel, gather_from_sequence_parallel,
-                                        gather_from_tensor_parallel, reduce_from_tensor_parallel,
-                                        reduce_scatter_to_sequence_parallel, scatter_to_tensor_parallel,
-                                        sequence_parallel_parameter)
+from megalign.parallel.mappings import (
+    all_reduce_gradient,
+    copy_to_tensor_parallel,
+    gather_from_sequence_parallel,
+    gather_from_tensor_parallel,
+    reduce_from_tensor_parallel,
+    reduce_scatter_to_sequence_parallel,
+    scatter_to_tensor_parallel,
+    sequence_parallel_parameter,
+)
 from megalign.parallel.sharding import mark_tensor_parallel, shard
 from megalign.parallel.state import ParallelContext
 from megalign.parallel.subgroups import tensor_parallel_subgroup
 
-__all__ = ["ColumnParallelLinear", "InitMethod", "RowParallelLinear", "VocabParallelEmbedding",
-           "column_parallel_input", "column_parallel_linear", "divide", "init_normal"]
+__all__ = [
+    "ColumnParallelLinear",
+    "InitMethod",
+    "RowParallelLinear",
+    "VocabParallelEmbedding",
+    "column_parallel_input",
+    "column_parallel_linear",
+    "divide",
+    "init_normal",
+]
 
 InitMethod = Callable[[torch.Tensor], None]
 
@@ -51,16 +66,23 @@ def divide(numerator: int, denominator: int, what: str) -> int:
 
 def init_normal(std: float) -> InitMethod:
     """An init method drawing from ``normal(0, std)`` in place."""
+
     def init(weight: torch.Tensor) -> None:
         nn.init.normal_(weight, mean=0.0, std=std)
+
     return init
 
 
 _DEFAULT_INIT = init_normal(0.02)
 
 
-def _sharded_parameter(full_shape: Tuple[int, ...], init: Optional[InitMethod], axis: Optional[int],
-                       context: ParallelContext, replicas: int = 1) -> nn.Parameter:
+def _sharded_parameter(
+    full_shape: Tuple[int, ...],
+    init: Optional[InitMethod],
+    axis: Optional[int],
+    context: ParallelContext,
+    replicas: int = 1,
+) -> nn.Parameter:
     """This rank's shard of a full tensor drawn by ``init`` (zeros when None), marked with its split."""
     full = torch.empty(full_shape)
     if init is None:
@@ -81,9 +103,14 @@ def column_parallel_input(x: torch.Tensor, context: ParallelContext) -> torch.Te
     return copy_to_tensor_parallel(x, context)
 
 
-def column_parallel_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
-                           context: ParallelContext, gather_output: bool = False,
-                           input_prepared: bool = False) -> torch.Tensor:
+def column_parallel_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    context: ParallelContext,
+    gather_output: bool = False,
+    input_prepared: bool = False,
+) -> torch.Tensor:
     """``x @ weight.T + bias`` with ``weight`` this rank's output-feature shard ``[out / tp, in]``.
 
     Also the LM head of tied embeddings (``weight`` = the vocabulary-parallel embedding table). ``x`` is
@@ -105,8 +132,13 @@ class VocabParallelEmbedding(nn.Module):
     owns them; checking would cost a host sync).
     """
 
-    def __init__(self, num_embeddings: int, embedding_dim: int, context: ParallelContext = ParallelContext(),
-                 init_method: InitMethod = _DEFAULT_INIT) -> None:
+    def __init__(
+        self,
+        num_embeddings: int,
+        embedding_dim: int,
+        context: ParallelContext = ParallelContext(),
+        init_method: InitMethod = _DEFAULT_INIT,
+    ) -> None:
         super().__init__()
         tp, rank = context.tensor_model_parallel_size, context.tensor_model_parallel_rank
         self.context = context
@@ -128,8 +160,9 @@ class VocabParallelEmbedding(nn.Module):
         return reduce_from_tensor_parallel(partial, self.context)
 
     def extra_repr(self) -> str:
-        return (f"{self.num_embeddings}, {self.embedding_dim}, partition=[{self.vocab_start_index}, "
-                f"{self.vocab_end_index})")
+        return (
+            f"{self.num_embeddings}, {self.embedding_dim}, partition=[{self.vocab_start_index}, {self.vocab_end_index})"
+        )
 
 
 class ColumnParallelLinear(nn.Module):
@@ -143,9 +176,16 @@ class ColumnParallelLinear(nn.Module):
     gradients are summed over that group in the backward pass, so every copy gets the full gradient.
     """
 
-    def __init__(self, input_size: int, output_size: int, context: ParallelContext = ParallelContext(),
-                 bias: bool = True, gather_output: bool = False, init_method: InitMethod = _DEFAULT_INIT,
-                 replicas: int = 1) -> None:
+    def __init__(
+        self,
+        input_size: int,
+        output_size: int,
+        context: ParallelContext = ParallelContext(),
+        bias: bool = True,
+        gather_output: bool = False,
+        init_method: InitMethod = _DEFAULT_INIT,
+        replicas: int = 1,
+    ) -> None:
         super().__init__()
         tp = context.tensor_model_parallel_size
         if replicas < 1 or tp % replicas:
@@ -154,8 +194,9 @@ class ColumnParallelLinear(nn.Module):
             raise ConfigError("column-parallel layer: gather_output cannot be combined with replicated shards")
         self.context, self.replicas = context, replicas
         self.input_size, self.output_size, self.gather_output = input_size, output_size, gather_output
-        self.output_size_per_partition = divide(output_size, tp // replicas,
-                                                "the output size of a column-parallel linear layer")
+        self.output_size_per_partition = divide(
+            output_size, tp // replicas, "the output size of a column-parallel linear layer"
+        )
         self.weight = _sharded_parameter((output_size, input_size), init_method, 0, context, replicas)
         self.bias = _sharded_parameter((output_size,), None, 0, context, replicas) if bias else None
         self._replica_group = tensor_parallel_subgroup(context, replicas)
@@ -170,8 +211,10 @@ class ColumnParallelLinear(nn.Module):
         return column_parallel_linear(x, weight, bias, self.context, self.gather_output, input_prepared)
 
     def extra_repr(self) -> str:
-        return (f"in={self.input_size}, out={self.output_size}, out_per_partition={self.output_size_per_partition}, "
-                f"bias={self.bias is not None}, gather_output={self.gather_output}, replicas={self.replicas}")
+        return (
+            f"in={self.input_size}, out={self.output_size}, out_per_partition={self.output_size_per_partition}, "
+            f"bias={self.bias is not None}, gather_output={self.gather_output}, replicas={self.replicas}"
+        )
 
 
 class RowParallelLinear(nn.Module):
@@ -182,21 +225,30 @@ class RowParallelLinear(nn.Module):
     the sum is a reduce-scatter and the output is this rank's sequence shard.
     """
 
-    def __init__(self, input_size: int, output_size: int, context: ParallelContext = ParallelContext(),
-                 bias: bool = True, input_is_parallel: bool = True, init_method: InitMethod = _DEFAULT_INIT) -> None:
+    def __init__(
+        self,
+        input_size: int,
+        output_size: int,
+        context: ParallelContext = ParallelContext(),
+        bias: bool = True,
+        input_is_parallel: bool = True,
+        init_method: InitMethod = _DEFAULT_INIT,
+    ) -> None:
         super().__init__()
         if context.sequence_parallel and not input_is_parallel:
             raise ConfigError("row-parallel layer: sequence parallelism needs input_is_parallel=True")
         self.context = context
         self.input_size, self.output_size, self.input_is_parallel = input_size, output_size, input_is_parallel
-        self.input_size_per_partition = divide(input_size, context.tensor_model_parallel_size,
-                                               "the input size of a row-parallel linear layer")
+        self.input_size_per_partition = divide(
+            input_size, context.tensor_model_parallel_size, "the input size of a row-parallel linear layer"
+        )
         self.weight = _sharded_parameter((output_size, input_size), init_method, 1, context)
         self.bias = _sharded_parameter((output_size,), None, None, context) if bias else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``x`` ``[..., input_size / tp]`` (``[..., input_size]`` if not ``input_is_parallel``) →
-        ``[..., output_size]`` (this rank's sequence shard ``[batch, seq / tp, output_size]`` under sequence parallelism)."""
+        ``[..., output_size]`` (this rank's sequence shard ``[batch, seq / tp, output_size]`` under sequence
+        parallelism)."""
         if not self.input_is_parallel:
             x = scatter_to_tensor_parallel(x, self.context)
         partial = F.linear(x, self.weight)
@@ -207,5 +259,7 @@ class RowParallelLinear(nn.Module):
         return out if self.bias is None else out + sequence_parallel_parameter(self.bias, self.context)
 
     def extra_repr(self) -> str:
-        return (f"in={self.input_size}, out={self.output_size}, in_per_partition={self.input_size_per_partition}, "
-                f"bias={self.bias is not None}, input_is_parallel={self.input_is_parallel}")
+        return (
+            f"in={self.input_size}, out={self.output_size}, in_per_partition={self.input_size_per_partition}, "
+            f"bias={self.bias is not None}, input_is_parallel={self.input_is_parallel}"
+        )

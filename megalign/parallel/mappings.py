@@ -21,6 +21,7 @@ Megatron's layout is ``[seq, batch, hidden]`` with dimension 0). The sequence le
 by the TP size under sequence parallelism. At TP size 1 every function is the identity and calls no
 ``torch.distributed`` function.
 """
+
 from __future__ import annotations
 
 from typing import Any, List, Optional, Tuple
@@ -30,9 +31,18 @@ import torch.distributed as dist
 
 from megalign.parallel.state import ParallelContext
 
-__all__ = ["SEQUENCE_DIM", "all_reduce_gradient", "copy_to_tensor_parallel", "gather_from_sequence_parallel",
-           "gather_from_tensor_parallel", "reduce_from_tensor_parallel", "reduce_scatter_to_sequence_parallel",
-           "scatter_to_sequence_parallel", "scatter_to_tensor_parallel", "sequence_parallel_parameter"]
+__all__ = [
+    "SEQUENCE_DIM",
+    "all_reduce_gradient",
+    "copy_to_tensor_parallel",
+    "gather_from_sequence_parallel",
+    "gather_from_tensor_parallel",
+    "reduce_from_tensor_parallel",
+    "reduce_scatter_to_sequence_parallel",
+    "scatter_to_sequence_parallel",
+    "scatter_to_tensor_parallel",
+    "sequence_parallel_parameter",
+]
 
 SEQUENCE_DIM = 1
 
@@ -58,9 +68,11 @@ def _all_gather(x: torch.Tensor, dim: int, group: Any) -> torch.Tensor:
 def _split(x: torch.Tensor, dim: int, group: Any) -> torch.Tensor:
     size, rank = _size_rank(group)
     if x.shape[dim] % size:
-        raise ValueError(f"tensor parallelism: dimension {dim} of size {x.shape[dim]} (shape {tuple(x.shape)}) "
-                         f"must be divisible by the tensor-parallel size {size}; with --sequence-parallel the "
-                         f"sequence length must be a multiple of --tensor-model-parallel-size")
+        raise ValueError(
+            f"tensor parallelism: dimension {dim} of size {x.shape[dim]} (shape {tuple(x.shape)}) "
+            f"must be divisible by the tensor-parallel size {size}; with --sequence-parallel the "
+            f"sequence length must be a multiple of --tensor-model-parallel-size"
+        )
     return x.chunk(size, dim=dim)[rank].contiguous()
 
 

@@ -21,15 +21,16 @@ layer's working set. The logits and their fp32 log-softmax, ``seq·vocab/TP`` pe
 live on the last stage. With the 1F1B schedule the first stage holds ``PP`` micro-batches in flight
 (interleaved: ``PP·(1 + (PP-1)/(PP·v))``).
 """
+
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
 from typing import Dict, Optional
 
+from megalign.config.layout import stage_layer_ranges
+from megalign.config.model import ModelConfig
 from megalign.errors import ConfigError
-from megalign.model.config import ModelConfig
-from megalign.parallel.pipeline import stage_layer_ranges
 
 __all__ = ["Layout", "MemoryEstimate", "estimate_memory", "rank_parameters"]
 
@@ -68,15 +69,21 @@ class MemoryEstimate:
         return self.weights + self.gradients + self.optimizer + self.activations
 
     def as_gib(self) -> Dict[str, float]:
-        return {"weights": self.weights / _GIB, "gradients": self.gradients / _GIB,
-                "optimizer": self.optimizer / _GIB, "activations": self.activations / _GIB,
-                "total": self.total / _GIB}
+        return {
+            "weights": self.weights / _GIB,
+            "gradients": self.gradients / _GIB,
+            "optimizer": self.optimizer / _GIB,
+            "activations": self.activations / _GIB,
+            "total": self.total / _GIB,
+        }
 
     def describe(self) -> str:
         g = self.as_gib()
-        return (f"{self.parameters / 1e9:.2f}B parameters on the busiest rank | weights {g['weights']:.1f} GiB | "
-                f"gradients {g['gradients']:.1f} GiB | optimizer {g['optimizer']:.1f} GiB | activations "
-                f"{g['activations']:.1f} GiB | total {g['total']:.1f} GiB")
+        return (
+            f"{self.parameters / 1e9:.2f}B parameters on the busiest rank | weights {g['weights']:.1f} GiB | "
+            f"gradients {g['gradients']:.1f} GiB | optimizer {g['optimizer']:.1f} GiB | activations "
+            f"{g['activations']:.1f} GiB | total {g['total']:.1f} GiB"
+        )
 
 
 def _layer_parameters(config: ModelConfig, tp: int) -> int:
@@ -125,17 +132,21 @@ def estimate_memory(config: ModelConfig, layout: Layout) -> MemoryEstimate:
         if value < 1:
             raise ConfigError(f"{name}-parallel size must be >= 1, got {value}")
     if config.num_attention_heads % tp or (config.num_key_value_heads % tp and tp % config.num_key_value_heads):
-        raise ConfigError(f"--tensor-model-parallel-size {tp} must divide num_attention_heads "
-                          f"{config.num_attention_heads} and divide (or be a multiple of) num_key_value_heads "
-                          f"{config.num_key_value_heads}")
+        raise ConfigError(
+            f"--tensor-model-parallel-size {tp} must divide num_attention_heads "
+            f"{config.num_attention_heads} and divide (or be a multiple of) num_key_value_heads "
+            f"{config.num_key_value_heads}"
+        )
     chunks = 1
     if layout.num_layers_per_virtual_pipeline_stage:
         per_rank = config.num_layers // pp
         chunks = max(1, per_rank // layout.num_layers_per_virtual_pipeline_stage)
     ranges = stage_layer_ranges(config.num_layers, pp * chunks)
     layers_per_rank = max(sum(len(ranges[c * pp + r]) for c in range(chunks)) for r in range(pp))
-    parameters = max(rank_parameters(config, tp, sum(len(ranges[c * pp + r]) for c in range(chunks)),
-                                     first=r == 0, last=r == pp - 1) for r in range(pp))
+    parameters = max(
+        rank_parameters(config, tp, sum(len(ranges[c * pp + r]) for c in range(chunks)), first=r == 0, last=r == pp - 1)
+        for r in range(pp)
+    )
 
     dtype_bytes = 2 if layout.bf16 else 4
     master = 4 if layout.bf16 else 0
@@ -148,9 +159,14 @@ def estimate_memory(config: ModelConfig, layout: Layout) -> MemoryEstimate:
     activations = tokens * per_layer * layers_per_rank * in_flight
     if layout.recompute_granularity == "full":  # one layer's working set during its recomputation
         activations += tokens * _activation_bytes_per_token_layer(
-            config, Layout(**{**layout.__dict__, "recompute_granularity": None}), dtype_bytes)
+            config, Layout(**{**layout.__dict__, "recompute_granularity": None}), dtype_bytes
+        )
     logits = tokens * config.vocab_size / tp * (4 + dtype_bytes)
     activations += logits  # on the last stage; added to the first stage's in-flight count: an upper bound
-    return MemoryEstimate(parameters=int(parameters), weights=int(parameters * dtype_bytes),
-                          gradients=int(parameters * 4), optimizer=int(math.ceil(parameters * optimizer_per_param)),
-                          activations=int(activations))
+    return MemoryEstimate(
+        parameters=int(parameters),
+        weights=int(parameters * dtype_bytes),
+        gradients=int(parameters * 4),
+        optimizer=int(math.ceil(parameters * optimizer_per_param)),
+        activations=int(activations),
+    )

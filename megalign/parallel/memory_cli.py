@@ -4,13 +4,14 @@ Weights, fp32 gradient buffers, optimizer state (fp32 masters and Adam moments, 
 parallelism with --use-distributed-optimizer) and stored activations on the busiest rank; the formulas
 are in megalign/parallel/memory.py and docs/parallelism.md. Layouts are TPxPPxDP triples.
 """
+
 from __future__ import annotations
 
 import argparse
 from typing import List, Tuple
 
+from megalign.config.model import PRESETS, preset
 from megalign.errors import ConfigError
-from megalign.model.config import PRESETS, preset
 from megalign.parallel.memory import Layout, estimate_memory
 
 EXAMPLES = """examples:
@@ -38,8 +39,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--sequence-parallel", action="store_true")
     parser.add_argument("--use-distributed-optimizer", action="store_true")
     parser.add_argument("--recompute-granularity", choices=("full", "selective"), default=None)
-    parser.add_argument("--no-flash-attention", action="store_true",
-                        help="the attention kernel stores the [seq, seq] probabilities (SDPA math path)")
+    parser.add_argument(
+        "--no-flash-attention",
+        action="store_true",
+        help="the attention kernel stores the [seq, seq] probabilities (SDPA math path)",
+    )
     parser.add_argument("--num-layers-per-virtual-pipeline-stage", type=int, default=None)
 
 
@@ -49,15 +53,23 @@ def rows(args: argparse.Namespace) -> List[str]:
     lines = []
     for text in args.layouts:
         tp, pp, dp = parse_layout(text)
-        layout = Layout(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp, data_parallel_size=dp,
-                        micro_batch_size=args.micro_batch_size, seq_length=args.seq_length, bf16=not args.fp32,
-                        sequence_parallel=args.sequence_parallel and tp > 1,
-                        use_distributed_optimizer=args.use_distributed_optimizer,
-                        recompute_granularity=args.recompute_granularity,
-                        flash_attention=not args.no_flash_attention,
-                        num_layers_per_virtual_pipeline_stage=args.num_layers_per_virtual_pipeline_stage)
-        lines.append(f"{args.model_preset} TP{tp} PP{pp} DP{dp} ({tp * pp * dp} ranks): "
-                     f"{estimate_memory(config, layout).describe()}")
+        layout = Layout(
+            tensor_model_parallel_size=tp,
+            pipeline_model_parallel_size=pp,
+            data_parallel_size=dp,
+            micro_batch_size=args.micro_batch_size,
+            seq_length=args.seq_length,
+            bf16=not args.fp32,
+            sequence_parallel=args.sequence_parallel and tp > 1,
+            use_distributed_optimizer=args.use_distributed_optimizer,
+            recompute_granularity=args.recompute_granularity,
+            flash_attention=not args.no_flash_attention,
+            num_layers_per_virtual_pipeline_stage=args.num_layers_per_virtual_pipeline_stage,
+        )
+        lines.append(
+            f"{args.model_preset} TP{tp} PP{pp} DP{dp} ({tp * pp * dp} ranks): "
+            f"{estimate_memory(config, layout).describe()}"
+        )
     return lines
 
 

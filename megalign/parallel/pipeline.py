@@ -17,6 +17,7 @@ micro-batch) per rank:
 direction), receives are posted just before they are needed and sends never block, so any order that
 respects the data dependencies (all of the above) runs without deadlock on gloo and NCCL alike.
 """
+
 from __future__ import annotations
 
 from contextlib import nullcontext
@@ -28,8 +29,16 @@ import torch.distributed as dist
 
 from megalign.errors import ConfigError
 
-__all__ = ["Action", "PipelineSpec", "interleaved_schedule", "no_pipelining_schedule", "one_f_one_b_schedule",
-           "run_schedule", "schedule_for", "stage_layer_ranges", "sum_tied_embedding_grads"]
+__all__ = [
+    "Action",
+    "PipelineSpec",
+    "interleaved_schedule",
+    "no_pipelining_schedule",
+    "one_f_one_b_schedule",
+    "run_schedule",
+    "schedule_for",
+    "sum_tied_embedding_grads",
+]
 
 # forward_step(chunk, input_activation_or_None, micro_batch_index) -> activation, or the loss on the last stage
 ForwardStep = Callable[[int, Optional[torch.Tensor], int], torch.Tensor]
@@ -45,41 +54,6 @@ class Action:
 
     def __repr__(self) -> str:
         return f"{self.kind}{self.chunk}.{self.micro_batch}"
-
-
-def stage_layer_ranges(num_layers: int, num_stages: int, first_stage_layers: Optional[int] = None,
-                       last_stage_layers: Optional[int] = None) -> List[range]:
-    """The decoder layers of each global pipeline stage: an even split, or Megatron's uneven split where the
-    first and/or last stage get the given number of layers and the middle stages share the rest evenly.
-
-    Raises ConfigError naming the flags when the layers cannot be split that way.
-    """
-    if num_stages == 1:
-        return [range(num_layers)]
-    counts: List[Optional[int]] = [None] * num_stages
-    if first_stage_layers is not None:
-        counts[0] = first_stage_layers
-    if last_stage_layers is not None:
-        counts[-1] = last_stage_layers
-    fixed = sum(c for c in counts if c is not None)
-    free = [i for i, c in enumerate(counts) if c is None]
-    rest = num_layers - fixed
-    if rest < 0 or (free and rest % len(free)) or (not free and rest):
-        given = (f" with --decoder-first-pipeline-num-layers {first_stage_layers}" if first_stage_layers is not None
-                 else "") + (f" and --decoder-last-pipeline-num-layers {last_stage_layers}"
-                             if last_stage_layers is not None else "")
-        raise ConfigError(f"--num-layers {num_layers} cannot be split into {num_stages} pipeline stages{given}: "
-                          f"the remaining {rest} layers must divide evenly over the other {len(free)} stages")
-    for i in free:
-        counts[i] = rest // len(free)
-    if any(c < 1 for c in counts):  # type: ignore[operator]
-        raise ConfigError(f"--num-layers {num_layers} over {num_stages} pipeline stages leaves a stage without "
-                          "layers; use fewer stages or more layers")
-    ranges, start = [], 0
-    for count in counts:
-        ranges.append(range(start, start + count))  # type: ignore[operator]
-        start += count  # type: ignore[operator]
-    return ranges
 
 
 def no_pipelining_schedule(num_micro_batches: int) -> List[Action]:
@@ -103,8 +77,10 @@ def one_f_one_b_schedule(pp_size: int, pp_rank: int, num_micro_batches: int) -> 
 def interleaved_schedule(pp_size: int, pp_rank: int, num_micro_batches: int, num_chunks: int) -> List[Action]:
     """Megatron's interleaved 1F1B over ``num_chunks`` model chunks per rank (``num_micro_batches % pp_size == 0``)."""
     if num_micro_batches % pp_size:
-        raise ConfigError(f"the interleaved pipeline schedule needs the number of micro-batches per step "
-                          f"({num_micro_batches}) to be a multiple of --pipeline-model-parallel-size {pp_size}")
+        raise ConfigError(
+            f"the interleaved pipeline schedule needs the number of micro-batches per step "
+            f"({num_micro_batches}) to be a multiple of --pipeline-model-parallel-size {pp_size}"
+        )
     total = num_micro_batches * num_chunks
     group = pp_size * num_chunks
 
@@ -154,10 +130,17 @@ def _tag(chunk: int, micro_batch: int, backward: bool, num_micro_batches: int) -
     return (chunk * num_micro_batches + micro_batch) * 2 + int(backward)
 
 
-def run_schedule(spec: PipelineSpec, actions: Sequence[Action], forward_step: ForwardStep, num_micro_batches: int,
-                 activation_shape: Tuple[int, ...], dtype: torch.dtype, device: torch.device,
-                 forward_only: bool = False,
-                 backward_context: Optional[Callable[[bool], ContextManager[Any]]] = None) -> List[torch.Tensor]:
+def run_schedule(
+    spec: PipelineSpec,
+    actions: Sequence[Action],
+    forward_step: ForwardStep,
+    num_micro_batches: int,
+    activation_shape: Tuple[int, ...],
+    dtype: torch.dtype,
+    device: torch.device,
+    forward_only: bool = False,
+    backward_context: Optional[Callable[[bool], ContextManager[Any]]] = None,
+) -> List[torch.Tensor]:
     """Run ``actions`` on this rank; returns the losses of the micro-batches whose last stage is here.
 
     ``forward_only`` (evaluation): the backward actions are skipped, nothing is kept for a backward pass
@@ -195,8 +178,14 @@ def run_schedule(spec: PipelineSpec, actions: Sequence[Action], forward_step: Fo
                 losses.append(y.detach())
             else:
                 next_chunk = action.chunk + (1 if spec.rank == spec.size - 1 else 0)
-                sends.append(dist.isend(y.detach().contiguous(), dst=following, group=spec.group,
-                                        tag=_tag(next_chunk, action.micro_batch, False, num_micro_batches)))
+                sends.append(
+                    dist.isend(
+                        y.detach().contiguous(),
+                        dst=following,
+                        group=spec.group,
+                        tag=_tag(next_chunk, action.micro_batch, False, num_micro_batches),
+                    )
+                )
             if not forward_only:
                 saved[key] = (x, y)
         elif not forward_only:
@@ -208,8 +197,14 @@ def run_schedule(spec: PipelineSpec, actions: Sequence[Action], forward_step: Fo
                 torch.autograd.backward(y, grad_tensors=grad)
             if stage > 0:
                 previous_chunk = action.chunk - (1 if spec.rank == 0 else 0)
-                sends.append(dist.isend(x.grad.contiguous(), dst=previous, group=spec.group,
-                                        tag=_tag(previous_chunk, action.micro_batch, True, num_micro_batches)))
+                sends.append(
+                    dist.isend(
+                        x.grad.contiguous(),
+                        dst=previous,
+                        group=spec.group,
+                        tag=_tag(previous_chunk, action.micro_batch, True, num_micro_batches),
+                    )
+                )
     for work in sends:
         work.wait()
     if saved:

@@ -13,6 +13,7 @@ and :func:`tensor_parallel_replicas`):
 Checkpoints, the Hugging Face conversion and the tests use :func:`shard_state_dict` (full single-process
 state dict → this rank's shards) and :func:`gather_state_dict` (shards → full tensors, on every rank).
 """
+
 from __future__ import annotations
 
 from typing import Dict, Mapping, Optional
@@ -24,8 +25,15 @@ from torch import nn
 from megalign.errors import ConfigError
 from megalign.parallel.state import ParallelContext
 
-__all__ = ["gather_state_dict", "gather_tensor", "mark_tensor_parallel", "shard", "shard_state_dict",
-           "tensor_parallel_axis", "tensor_parallel_replicas"]
+__all__ = [
+    "gather_state_dict",
+    "gather_tensor",
+    "mark_tensor_parallel",
+    "shard",
+    "shard_state_dict",
+    "tensor_parallel_axis",
+    "tensor_parallel_replicas",
+]
 
 
 def mark_tensor_parallel(param: torch.Tensor, axis: Optional[int], replicas: int = 1) -> torch.Tensor:
@@ -54,8 +62,10 @@ def shard(full: torch.Tensor, axis: Optional[int], tp_size: int, tp_rank: int, r
         raise ConfigError(f"shard: replicas={replicas} must divide the tensor-parallel size {tp_size}")
     pieces = tp_size // replicas
     if full.shape[axis] % pieces:
-        raise ConfigError(f"shard: dimension {axis} of a tensor of shape {tuple(full.shape)} is not divisible into "
-                          f"{pieces} tensor-parallel pieces")
+        raise ConfigError(
+            f"shard: dimension {axis} of a tensor of shape {tuple(full.shape)} is not divisible into "
+            f"{pieces} tensor-parallel pieces"
+        )
     return full.detach().chunk(pieces, dim=axis)[tp_rank // replicas].contiguous().clone()
 
 
@@ -68,8 +78,9 @@ def _context_of(model: nn.Module, context: Optional[ParallelContext]) -> Paralle
     return found
 
 
-def shard_state_dict(full_state: Mapping[str, torch.Tensor], model: nn.Module,
-                     context: Optional[ParallelContext] = None) -> Dict[str, torch.Tensor]:
+def shard_state_dict(
+    full_state: Mapping[str, torch.Tensor], model: nn.Module, context: Optional[ParallelContext] = None
+) -> Dict[str, torch.Tensor]:
     """This rank's shards of a full (single-process) state dict, split as ``model``'s parameters are.
 
     ``context`` defaults to ``model.context``. Keys of ``full_state`` that ``model`` lacks, or parameters
@@ -82,17 +93,25 @@ def shard_state_dict(full_state: Mapping[str, torch.Tensor], model: nn.Module,
         raise ValueError(f"shard_state_dict: missing {missing or 'nothing'}, unexpected {unexpected or 'nothing'}")
     out = {}
     for name, param in params.items():
-        piece = shard(full_state[name], tensor_parallel_axis(param), context.tensor_model_parallel_size,
-                      context.tensor_model_parallel_rank, tensor_parallel_replicas(param))
+        piece = shard(
+            full_state[name],
+            tensor_parallel_axis(param),
+            context.tensor_model_parallel_size,
+            context.tensor_model_parallel_rank,
+            tensor_parallel_replicas(param),
+        )
         if piece.shape != param.shape:
-            raise ValueError(f"shard_state_dict: {name}: full shape {tuple(full_state[name].shape)} gives a shard of "
-                             f"{tuple(piece.shape)}, the model holds {tuple(param.shape)}")
+            raise ValueError(
+                f"shard_state_dict: {name}: full shape {tuple(full_state[name].shape)} gives a shard of "
+                f"{tuple(piece.shape)}, the model holds {tuple(param.shape)}"
+            )
         out[name] = piece
     return out
 
 
-def gather_tensor(local: torch.Tensor, axis: Optional[int], context: ParallelContext,
-                  replicas: int = 1) -> torch.Tensor:
+def gather_tensor(
+    local: torch.Tensor, axis: Optional[int], context: ParallelContext, replicas: int = 1
+) -> torch.Tensor:
     """The full tensor of which every TP rank holds ``local`` (split as ``axis``/``replicas`` describe);
     a collective: every rank of the TP group must call it. A replicated tensor is returned as a copy."""
     tp = context.tensor_model_parallel_size
@@ -111,5 +130,7 @@ def gather_state_dict(model: nn.Module, context: Optional[ParallelContext] = Non
     ``model.context``.
     """
     context = _context_of(model, context)
-    return {name: gather_tensor(param, tensor_parallel_axis(param), context, tensor_parallel_replicas(param))
-            for name, param in model.named_parameters()}
+    return {
+        name: gather_tensor(param, tensor_parallel_axis(param), context, tensor_parallel_replicas(param))
+        for name, param in model.named_parameters()
+    }

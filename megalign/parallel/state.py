@@ -9,6 +9,7 @@ one node; then data parallelism (DP); then pipeline parallelism (PP)::
 and documented on its own); :func:`initialize_parallel` creates them as process groups. Model code sees
 only a :class:`ParallelContext` (TP size, rank, group and whether sequence parallelism is on).
 """
+
 from __future__ import annotations
 
 import os
@@ -18,6 +19,7 @@ from typing import Any, Dict, List, Optional
 import torch
 import torch.distributed as dist
 
+from megalign.config.layout import data_parallel_size
 from megalign.errors import ConfigError
 
 __all__ = ["ParallelContext", "ParallelState", "RankLayout", "default_device", "initialize_parallel", "rank_layout"]
@@ -39,11 +41,15 @@ class ParallelContext:
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise ConfigError(f"parallel context: {name}={value!r} must be an integer >= {low}")
         if rank >= size:
-            raise ConfigError(f"parallel context: tensor_model_parallel_rank={rank} must be smaller than "
-                              f"tensor_model_parallel_size={size}")
+            raise ConfigError(
+                f"parallel context: tensor_model_parallel_rank={rank} must be smaller than "
+                f"tensor_model_parallel_size={size}"
+            )
         if size > 1 and self.group is None:
-            raise ConfigError(f"parallel context: tensor_model_parallel_size={size} needs its process group "
-                              "(build contexts with initialize_parallel)")
+            raise ConfigError(
+                f"parallel context: tensor_model_parallel_size={size} needs its process group "
+                "(build contexts with initialize_parallel)"
+            )
 
     @classmethod
     def single(cls) -> "ParallelContext":
@@ -71,18 +77,12 @@ class RankLayout:
         return found
 
 
-def rank_layout(world_size: int, tensor_model_parallel_size: int = 1,
-                pipeline_model_parallel_size: int = 1) -> RankLayout:
+def rank_layout(
+    world_size: int, tensor_model_parallel_size: int = 1, pipeline_model_parallel_size: int = 1
+) -> RankLayout:
     """Groups of the TP-innermost, then DP, then PP layout; ConfigError naming the constraint if sizes do not fit."""
     tp, pp = tensor_model_parallel_size, pipeline_model_parallel_size
-    for name, value in (("world size", world_size), ("--tensor-model-parallel-size", tp),
-                        ("--pipeline-model-parallel-size", pp)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ConfigError(f"{name} must be a positive integer, got {value!r}")
-    if world_size % (tp * pp):
-        raise ConfigError(f"world size {world_size} must be divisible by --tensor-model-parallel-size {tp} x "
-                          f"--pipeline-model-parallel-size {pp} = {tp * pp} (data parallel = world / (TP x PP))")
-    dp = world_size // (tp * pp)
+    dp = data_parallel_size(world_size, tp, pp)
 
     def rank(t: int, d: int, p: int) -> int:
         return p * dp * tp + d * tp + t
@@ -124,8 +124,9 @@ class ParallelState:
     @property
     def context(self) -> ParallelContext:
         """The model layers' view: tensor parallelism only."""
-        return ParallelContext(self.tensor_model_parallel_size, self.tensor_model_parallel_rank,
-                               self.sequence_parallel, self.tensor_group)
+        return ParallelContext(
+            self.tensor_model_parallel_size, self.tensor_model_parallel_rank, self.sequence_parallel, self.tensor_group
+        )
 
     @property
     def is_first_stage(self) -> bool:
@@ -141,13 +142,16 @@ class ParallelState:
         return self.data_parallel_rank == 0 and self.tensor_model_parallel_rank == 0 and self.is_last_stage
 
 
-def initialize_parallel(tensor_model_parallel_size: int = 1, pipeline_model_parallel_size: int = 1,
-                        sequence_parallel: bool = False) -> ParallelState:
+def initialize_parallel(
+    tensor_model_parallel_size: int = 1, pipeline_model_parallel_size: int = 1, sequence_parallel: bool = False
+) -> ParallelState:
     """Create the TP, DP and PP process groups of the running ``torch.distributed`` job (or the single
     process state when it is not initialised); every rank must call this, in the same order."""
     if sequence_parallel and tensor_model_parallel_size == 1:
-        raise ConfigError("--sequence-parallel needs --tensor-model-parallel-size > 1 (it splits the activations "
-                          "that tensor parallelism replicates)")
+        raise ConfigError(
+            "--sequence-parallel needs --tensor-model-parallel-size > 1 (it splits the activations "
+            "that tensor parallelism replicates)"
+        )
     if not (dist.is_available() and dist.is_initialized()):
         rank_layout(1, tensor_model_parallel_size, pipeline_model_parallel_size)  # raises unless both are 1
         return ParallelState()
@@ -161,14 +165,22 @@ def initialize_parallel(tensor_model_parallel_size: int = 1, pipeline_model_para
                 mine[name] = (group, ranks)
     coords = layout.coordinates(rank)
     return ParallelState(
-        world_size=world, rank=rank, tensor_model_parallel_size=tensor_model_parallel_size,
+        world_size=world,
+        rank=rank,
+        tensor_model_parallel_size=tensor_model_parallel_size,
         pipeline_model_parallel_size=pipeline_model_parallel_size,
         data_parallel_size=world // (tensor_model_parallel_size * pipeline_model_parallel_size),
-        tensor_model_parallel_rank=coords["tensor"], pipeline_model_parallel_rank=coords["pipeline"],
-        data_parallel_rank=coords["data"], sequence_parallel=sequence_parallel,
-        tensor_group=mine["tensor"][0], data_group=mine["data"][0], pipeline_group=mine["pipeline"][0],
-        model_group=mine["model"][0], embedding_group=mine.get("embedding", (None,))[0],
-        pipeline_ranks=list(mine["pipeline"][1]))
+        tensor_model_parallel_rank=coords["tensor"],
+        pipeline_model_parallel_rank=coords["pipeline"],
+        data_parallel_rank=coords["data"],
+        sequence_parallel=sequence_parallel,
+        tensor_group=mine["tensor"][0],
+        data_group=mine["data"][0],
+        pipeline_group=mine["pipeline"][0],
+        model_group=mine["model"][0],
+        embedding_group=mine.get("embedding", (None,))[0],
+        pipeline_ranks=list(mine["pipeline"][1]),
+    )
 
 
 def default_device() -> torch.device:

@@ -7,6 +7,7 @@ subgroups of *all* TP groups at once, from the TP-innermost layout of :mod:`mega
 (TP group ``k`` is global ranks ``[k * tp, (k + 1) * tp)``), and caches them. Model construction calls it
 on every rank in the same order, which is all the ordering it needs.
 """
+
 from __future__ import annotations
 
 from typing import Any, Dict, Optional, Tuple
@@ -28,14 +29,18 @@ def tensor_parallel_subgroup(context: ParallelContext, size: int) -> Optional[An
     if size == 1:
         return None
     if size < 1 or tp % size:
-        raise ConfigError(f"a tensor-parallel subgroup of {size} ranks needs a tensor-parallel size divisible by "
-                          f"{size}, got tensor_model_parallel_size={tp}")
+        raise ConfigError(
+            f"a tensor-parallel subgroup of {size} ranks needs a tensor-parallel size divisible by "
+            f"{size}, got tensor_model_parallel_size={tp}"
+        )
     world, rank = dist.get_world_size(), dist.get_rank()
     start = rank - context.tensor_model_parallel_rank
     expected = list(range(start, start + tp))
     if dist.get_process_group_ranks(context.group) != expected:
-        raise ConfigError(f"tensor-parallel group of rank {rank} is {dist.get_process_group_ranks(context.group)}; "
-                          f"subgroups assume the TP-innermost layout {expected} (build it with initialize_parallel)")
+        raise ConfigError(
+            f"tensor-parallel group of rank {rank} is {dist.get_process_group_ranks(context.group)}; "
+            f"subgroups assume the TP-innermost layout {expected} (build it with initialize_parallel)"
+        )
     key = (id(dist.group.WORLD), world, tp, size)
     if key not in _CACHE:
         mine = None

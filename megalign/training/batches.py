@@ -1,15 +1,20 @@
 """Micro-batches for the trainer: sample ids from a :class:`PretrainingSampler` -> stacked tensors.
 
-The training stream is driven by ``consumed_samples`` (the sampler starts there), so a resumed run reads
-exactly the samples an uninterrupted run would have read next. Evaluation always reads the first
-``eval_iters`` global batches of the validation split, so successive evaluations are comparable and do
-not depend on where training stopped or resumed.
+A ``torch.utils.data.DataLoader`` runs the sampler: with --num-workers N > 0, N worker processes read and
+collate the next micro-batches (two each in flight) while the model computes, into pinned memory when the
+model is on a GPU. The sampler alone decides which samples come in which order, so the stream is the same
+for any number of workers. The training stream is driven by ``consumed_samples`` (the sampler starts
+there), so a resumed run reads exactly the samples an uninterrupted run would have read next. Evaluation
+always reads the first ``eval_iters`` global batches of the validation split, so successive evaluations are
+comparable and do not depend on where training stopped or resumed.
 """
+
 from __future__ import annotations
 
-from typing import Any, Dict, Iterator, List, Mapping, Sequence
+from typing import Any, Dict, Iterator, List, Mapping, Sequence, Sized, cast
 
 import torch
+from torch.utils.data import DataLoader, Dataset
 
 from megalign.data.samplers import PretrainingSampler
 
@@ -24,15 +29,33 @@ def collate(samples: Sequence[Mapping[str, Any]]) -> Dict[str, torch.Tensor]:
     return {key: torch.stack([torch.as_tensor(sample[key]) for sample in samples]) for key in samples[0]}
 
 
-def micro_batches(dataset: Sequence[Mapping[str, torch.Tensor]], consumed_samples: int, micro_batch_size: int,
-                  data_parallel_rank: int = 0, data_parallel_size: int = 1) -> Iterator[Dict[str, torch.Tensor]]:
+def micro_batches(
+    dataset: Dataset,
+    consumed_samples: int,
+    micro_batch_size: int,
+    data_parallel_rank: int = 0,
+    data_parallel_size: int = 1,
+    num_workers: int = 0,
+    pin_memory: bool = False,
+) -> Iterator[Dict[str, torch.Tensor]]:
     """This data-parallel rank's micro-batches of ``dataset`` in sampler order, starting after
-    ``consumed_samples`` samples (counted over all ranks)."""
-    sampler = PretrainingSampler(total_samples=len(dataset), consumed_samples=consumed_samples,
-                                 micro_batch_size=micro_batch_size, data_parallel_rank=data_parallel_rank,
-                                 data_parallel_size=data_parallel_size)
-    for ids in sampler:
-        yield collate([dataset[i] for i in ids])
+    ``consumed_samples`` samples (counted over all ranks), read by ``num_workers`` DataLoader workers."""
+    sampler = PretrainingSampler(
+        total_samples=len(cast(Sized, dataset)),
+        consumed_samples=consumed_samples,
+        micro_batch_size=micro_batch_size,
+        data_parallel_rank=data_parallel_rank,
+        data_parallel_size=data_parallel_size,
+    )
+    loader = DataLoader(
+        dataset,
+        batch_sampler=sampler,
+        collate_fn=collate,
+        num_workers=num_workers,
+        pin_memory=pin_memory,
+        prefetch_factor=2 if num_workers > 0 else None,
+    )
+    return iter(loader)
 
 
 def model_inputs(batch: Mapping[str, torch.Tensor], device: torch.device) -> Dict[str, torch.Tensor]:

@@ -22,6 +22,7 @@ vice versa. The cost: gathering materialises the full fp32 masters and moments o
 params`` bytes for a bf16 model) and moves them over the network at save time. :func:`build_optimizer`
 picks the optimizer from the flags.
 """
+
 from __future__ import annotations
 
 from typing import Any, Dict, Mapping, Optional
@@ -30,6 +31,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from megalign.config.sections import OptimizationSection, ParallelSection
 from megalign.training.optimizer import _MOMENTS, PREFIX, MixedPrecisionOptimizer, ParamPair
 
 __all__ = ["DistributedOptimizer", "build_optimizer"]
@@ -38,7 +40,7 @@ __all__ = ["DistributedOptimizer", "build_optimizer"]
 class DistributedOptimizer(MixedPrecisionOptimizer):
     """:class:`MixedPrecisionOptimizer` with masters and moments sharded over ``data_parallel_group``.
 
-    Same constructor, :meth:`from_args`, per-iteration use and checkpoint API. After :meth:`step`, only
+    Same constructor, :meth:`from_config`, per-iteration use and checkpoint API. After :meth:`step`, only
     this rank's shard of ``param.main_grad`` holds averaged gradients (see :meth:`main_grads`).
     """
 
@@ -49,7 +51,7 @@ class DistributedOptimizer(MixedPrecisionOptimizer):
         part = self.grads.local_range(param)
         if part is None:
             return None
-        flat = param.detach().view(-1)[part[0]:part[1]]
+        flat = param.detach().view(-1)[part[0] : part[1]]
         master = flat if param.dtype == torch.float32 else flat.clone().float()
         return ParamPair(name, param, master, part)
 
@@ -85,13 +87,16 @@ class DistributedOptimizer(MixedPrecisionOptimizer):
                     tensors[f"{PREFIX}{key}/{names[slot.name]}"] = flat.view(slot.param.shape).clone()
         if step_tensor.item() >= 0:
             for own, _ in self.named_params:  # every master steps together, so one count serves all
-                tensors[f"{PREFIX}step/{names[own]}"] = torch.tensor(step_tensor.item(), dtype=torch.float32,
-                                                                     device=device)
+                tensors[f"{PREFIX}step/{names[own]}"] = torch.tensor(
+                    step_tensor.item(), dtype=torch.float32, device=device
+                )
         return tensors
 
 
-def build_optimizer(model: nn.Module, args: Any, parallel: Any = None) -> MixedPrecisionOptimizer:
-    """The optimizer the flags ask for: :class:`DistributedOptimizer` with ``--use-distributed-optimizer``,
-    else :class:`MixedPrecisionOptimizer`; ``parallel`` is the run's ParallelState (None: one process)."""
-    cls = DistributedOptimizer if getattr(args, "use_distributed_optimizer", False) else MixedPrecisionOptimizer
-    return cls.from_args(model, args, parallel)
+def build_optimizer(
+    model: nn.Module, optimization: OptimizationSection, parallel: ParallelSection, state: Any = None
+) -> MixedPrecisionOptimizer:
+    """The run's optimizer: :class:`DistributedOptimizer` with --use-distributed-optimizer, else
+    :class:`MixedPrecisionOptimizer` (``state``: the ParallelState, None for one process)."""
+    cls = DistributedOptimizer if parallel.use_distributed_optimizer else MixedPrecisionOptimizer
+    return cls.from_config(model, optimization, parallel, state)

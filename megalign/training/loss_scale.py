@@ -11,6 +11,7 @@ fixed --loss-scale) never changes. Either way a step with non-finite gradients i
 ``unscale_and_check`` reports only this rank's gradients; with model parallelism the trainer must reduce
 ``found_inf`` (logical or) over the model-parallel group before calling ``update``.
 """
+
 from __future__ import annotations
 
 import abc
@@ -19,6 +20,7 @@ from typing import Any, Dict, Iterable, List, Mapping, Optional, Union
 
 import torch
 
+from megalign.config.sections import PrecisionSection
 from megalign.errors import ConfigError, DataFormatError, MegalignError
 
 TensorsOrParams = Iterable[Union[torch.Tensor, torch.nn.Parameter]]
@@ -83,7 +85,7 @@ class LossScaler(abc.ABC):
         """Divide gradients by the scale in place; True if any is NaN/Inf (the step must then be skipped)."""
         return unscale_and_check(tensors, 1.0 / self._scale)
 
-    def update(self, found_inf: bool) -> None:
+    def update(self, found_inf: bool) -> None:  # noqa: B027 - a no-op by default, not abstract
         """Adjust the scale after a step (no-op for a constant scale; the caller still skips the step)."""
 
     @abc.abstractmethod
@@ -116,12 +118,20 @@ class DynamicLossScaler(LossScaler):
     --hysteresis 2, backoff 0.5, growth 2.
     """
 
-    def __init__(self, initial_scale: float = 2.0 ** 32, min_scale: float = 1.0, growth_factor: float = 2.0,
-                 backoff_factor: float = 0.5, growth_interval: int = 1000, hysteresis: int = 2) -> None:
+    def __init__(
+        self,
+        initial_scale: float = 2.0**32,
+        min_scale: float = 1.0,
+        growth_factor: float = 2.0,
+        backoff_factor: float = 0.5,
+        growth_interval: int = 1000,
+        hysteresis: int = 2,
+    ) -> None:
         super().__init__(initial_scale, "--initial-loss-scale")
         if not 0.0 < min_scale <= initial_scale:
-            raise ConfigError(f"--min-loss-scale {min_scale} must be > 0 and must not exceed "
-                              f"--initial-loss-scale {initial_scale}")
+            raise ConfigError(
+                f"--min-loss-scale {min_scale} must be > 0 and must not exceed --initial-loss-scale {initial_scale}"
+            )
         if not growth_factor > 1.0:
             raise ConfigError(f"loss-scale growth factor {growth_factor} must be > 1")
         if not 0.0 < backoff_factor < 1.0:
@@ -154,8 +164,12 @@ class DynamicLossScaler(LossScaler):
 
     def state_dict(self) -> Dict[str, Any]:
         """JSON-serialisable state: the scale and both trackers."""
-        return {"kind": "dynamic", "scale": self._scale, "growth_tracker": self._growth_tracker,
-                "hysteresis_tracker": self._hysteresis_tracker}
+        return {
+            "kind": "dynamic",
+            "scale": self._scale,
+            "growth_tracker": self._growth_tracker,
+            "hysteresis_tracker": self._hysteresis_tracker,
+        }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore the scale and trackers; a checkpoint from a constant scaler (e.g. bf16 run) is ignored."""
@@ -165,11 +179,27 @@ class DynamicLossScaler(LossScaler):
             scale = float(state["scale"])
             growth, hysteresis = state["growth_tracker"], state["hysteresis_tracker"]
         except (KeyError, TypeError, ValueError) as exc:
-            raise DataFormatError(f"loss-scaler state is damaged or not from megalign ({exc!r}): {dict(state)}")
-        if not (math.isfinite(scale) and scale > 0.0) or not isinstance(growth, int) or not isinstance(
-                hysteresis, int):
+            raise DataFormatError(
+                f"loss-scaler state is damaged or not from megalign ({exc!r}): {dict(state)}"
+            ) from None
+        if not (math.isfinite(scale) and scale > 0.0) or not isinstance(growth, int) or not isinstance(hysteresis, int):
             raise DataFormatError(f"loss-scaler state has invalid values: {dict(state)}")
         self._scale, self._growth_tracker, self._hysteresis_tracker = scale, growth, hysteresis
+
+
+def loss_scaler_from_config(precision: PrecisionSection) -> LossScaler:
+    """fp16: dynamic (or --loss-scale static) scaling; bf16/fp32: a constant scale of 1 (a no-op)."""
+    p = precision
+    if not p.fp16:
+        return ConstantLossScaler(1.0)
+    if p.loss_scale is not None:
+        return ConstantLossScaler(p.loss_scale)
+    return DynamicLossScaler(
+        initial_scale=p.initial_loss_scale,
+        min_scale=p.min_loss_scale,
+        growth_interval=p.loss_scale_window,
+        hysteresis=p.hysteresis,
+    )
 
 
 class SkippedStepTracker:
@@ -199,7 +229,8 @@ class SkippedStepTracker:
             raise TooManyNonFiniteSteps(
                 f"{self.consecutive} consecutive steps had NaN/Inf gradients{where}{scale}; "
                 f"{self.total} steps skipped in total. Training diverged: lower --lr or raise "
-                "--lr-warmup-iters, check the data, try bf16 instead of fp16, or resume from an earlier checkpoint")
+                "--lr-warmup-iters, check the data, try bf16 instead of fp16, or resume from an earlier checkpoint"
+            )
 
     def state_dict(self) -> Dict[str, int]:
         """JSON-serialisable counters."""
@@ -210,4 +241,4 @@ class SkippedStepTracker:
         try:
             self.total, self.consecutive = int(state["total"]), int(state["consecutive"])
         except (KeyError, TypeError, ValueError) as exc:
-            raise DataFormatError(f"skipped-step state is damaged ({exc!r}): {dict(state)}")
+            raise DataFormatError(f"skipped-step state is damaged ({exc!r}): {dict(state)}") from None

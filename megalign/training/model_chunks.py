@@ -6,19 +6,20 @@ and backward of each micro-batch in turn), so the single-process trainer runs th
 parallel one. With pipeline parallelism, chunk ``c`` of pipeline rank ``r`` is global stage
 ``c * PP + r`` (more than one chunk: the interleaved schedule).
 """
+
 from __future__ import annotations
 
-from typing import Callable, ContextManager, Dict, List, Optional, Sequence, Tuple
+from typing import Callable, ContextManager, Dict, List, Optional, Sequence, Tuple, cast
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
+from megalign.config.layout import stage_layer_ranges
+from megalign.config.model import ModelConfig, ModelOptions
 from megalign.model import GPTModel
-from megalign.model.config import ModelConfig, ModelOptions
 from megalign.model.decoder import PipelineStage
-from megalign.parallel.pipeline import (PipelineSpec, run_schedule, schedule_for, stage_layer_ranges,
-                                        sum_tied_embedding_grads)
+from megalign.parallel.pipeline import PipelineSpec, run_schedule, schedule_for, sum_tied_embedding_grads
 from megalign.parallel.state import ParallelState
 from megalign.training import batches
 
@@ -30,21 +31,44 @@ Batch = Dict[str, torch.Tensor]
 class ModelChunks(nn.Module):
     """The model chunks this rank holds (an ``nn.ModuleList`` named ``chunks``) and how to run them."""
 
-    def __init__(self, config: ModelConfig, options: ModelOptions, state: ParallelState, num_chunks: int,
-                 first_stage_layers: Optional[int] = None, last_stage_layers: Optional[int] = None) -> None:
+    def __init__(
+        self,
+        config: ModelConfig,
+        options: ModelOptions,
+        state: ParallelState,
+        num_chunks: int,
+        first_stage_layers: Optional[int] = None,
+        last_stage_layers: Optional[int] = None,
+    ) -> None:
         super().__init__()
         self.config, self.state = config, state
-        self.spec = PipelineSpec(state.pipeline_model_parallel_size, state.pipeline_model_parallel_rank,
-                                 state.pipeline_ranks, num_chunks, state.pipeline_group)
+        self.spec = PipelineSpec(
+            state.pipeline_model_parallel_size,
+            state.pipeline_model_parallel_rank,
+            state.pipeline_ranks,
+            num_chunks,
+            state.pipeline_group,
+        )
         ranges = stage_layer_ranges(config.num_layers, self.spec.num_stages, first_stage_layers, last_stage_layers)
         seed = torch.initial_seed()
         chunks = []
         for chunk in range(num_chunks):
             stage = self.spec.stage(chunk)
             torch.manual_seed(seed)  # every chunk derives its weights from the run's seed (see GPTModel)
-            chunks.append(GPTModel(config, state.context, options, PipelineStage(
-                ranges[stage], first=stage == 0, last=stage == self.spec.num_stages - 1)))
+            chunks.append(
+                GPTModel(
+                    config,
+                    state.context,
+                    options,
+                    PipelineStage(ranges[stage], first=stage == 0, last=stage == self.spec.num_stages - 1),
+                )
+            )
         self.chunks = nn.ModuleList(chunks)
+
+    @property
+    def models(self) -> List[GPTModel]:
+        """The chunks as the GPTModels they are (ModuleList items are typed as plain modules)."""
+        return [cast(GPTModel, chunk) for chunk in self.chunks]
 
     # ---- names and shapes ----------------------------------------------------------------------------
     def global_names(self) -> Dict[str, str]:
@@ -63,17 +87,22 @@ class ModelChunks(nn.Module):
         return {name: tuple(param.shape) for name, param in full.named_parameters()}
 
     # ---- running a step --------------------------------------------------------------------------------
-    def _forward_step(self, micro: Sequence[Batch], device: torch.device,
-                      loss_transform: Callable[[torch.Tensor], torch.Tensor],
-                      raw_losses: List[torch.Tensor]) -> Callable[[int, Optional[torch.Tensor], int], torch.Tensor]:
+    def _forward_step(
+        self,
+        micro: Sequence[Batch],
+        device: torch.device,
+        loss_transform: Callable[[torch.Tensor], torch.Tensor],
+        raw_losses: List[torch.Tensor],
+    ) -> Callable[[int, Optional[torch.Tensor], int], torch.Tensor]:
         def forward_step(chunk: int, x: Optional[torch.Tensor], m: int) -> torch.Tensor:
-            model = self.chunks[chunk]
+            model = self.models[chunk]
             out = model(**batches.model_inputs(micro[m], device), hidden_states=x)
             if not model.stage.last:
                 return out
             loss = out.float() / len(micro)
             raw_losses.append(loss.detach())
             return loss_transform(loss)
+
         return forward_step
 
     def _activation_shape(self, micro: Sequence[Batch]) -> Tuple[int, ...]:
@@ -82,9 +111,14 @@ class ModelChunks(nn.Module):
             seq //= self.state.tensor_model_parallel_size
         return batch, seq, self.config.hidden_size
 
-    def train_step(self, micro: Sequence[Batch], device: torch.device, dtype: torch.dtype,
-                   scale_loss: Callable[[torch.Tensor], torch.Tensor],
-                   backward_context: Callable[[bool], ContextManager[None]]) -> torch.Tensor:
+    def train_step(
+        self,
+        micro: Sequence[Batch],
+        device: torch.device,
+        dtype: torch.dtype,
+        scale_loss: Callable[[torch.Tensor], torch.Tensor],
+        backward_context: Callable[[bool], ContextManager[None]],
+    ) -> torch.Tensor:
         """Forward and backward of one global batch's micro-batches on this rank; the gradients accumulate.
 
         Returns the mean loss over the micro-batches (data-parallel ranks averaged) on the last pipeline
@@ -93,8 +127,16 @@ class ModelChunks(nn.Module):
         """
         raw: List[torch.Tensor] = []
         actions = schedule_for(self.spec, len(micro))
-        run_schedule(self.spec, actions, self._forward_step(micro, device, scale_loss, raw), len(micro),
-                     self._activation_shape(micro), dtype, device, backward_context=backward_context)
+        run_schedule(
+            self.spec,
+            actions,
+            self._forward_step(micro, device, scale_loss, raw),
+            len(micro),
+            self._activation_shape(micro),
+            dtype,
+            device,
+            backward_context=backward_context,
+        )
         sum_tied_embedding_grads(list(self.chunks), self.state.embedding_group)
         return self._data_parallel_mean(raw, device)
 
@@ -103,8 +145,16 @@ class ModelChunks(nn.Module):
         """Mean loss over ``micro`` (data-parallel ranks averaged) on the last stage, NaN elsewhere."""
         raw: List[torch.Tensor] = []
         actions = [a for a in schedule_for(self.spec, len(micro)) if a.kind == "F"]
-        run_schedule(self.spec, actions, self._forward_step(micro, device, lambda loss: loss, raw), len(micro),
-                     self._activation_shape(micro), dtype, device, forward_only=True)
+        run_schedule(
+            self.spec,
+            actions,
+            self._forward_step(micro, device, lambda loss: loss, raw),
+            len(micro),
+            self._activation_shape(micro),
+            dtype,
+            device,
+            forward_only=True,
+        )
         return self._data_parallel_mean(raw, device)
 
     def _data_parallel_mean(self, raw: List[torch.Tensor], device: torch.device) -> torch.Tensor:
@@ -118,5 +168,4 @@ class ModelChunks(nn.Module):
 
     def layers(self) -> List[nn.Module]:
         """Every decoder layer this rank holds (for per-layer torch.compile)."""
-        return [layer for chunk in self.chunks for layer in chunk.layers.values()]
-
+        return [layer for chunk in self.models for layer in chunk.layers.values()]

@@ -24,6 +24,7 @@ replaces: its masters cover only this rank's shard. Checkpoint tensors are flat 
 ``optimizer.master/<name>`` (only when the master is a separate copy), ``optimizer.exp_avg/<name>``,
 ``optimizer.exp_avg_sq/<name>`` and ``optimizer.step/<name>`` (0-d fp32).
 """
+
 from __future__ import annotations
 
 import logging
@@ -35,6 +36,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from megalign.config.sections import OptimizationSection, ParallelSection
 from megalign.errors import ConfigError, DataFormatError
 from megalign.parallel.data_parallel import DataParallelGrads
 from megalign.training.loss_scale import LossScaler
@@ -44,10 +46,6 @@ logger = logging.getLogger(__name__)
 STATE_FORMAT = 1
 PREFIX = "optimizer."
 _MOMENTS = ("exp_avg", "exp_avg_sq")
-# Megatron flag destinations read by MixedPrecisionOptimizer.from_args, with Megatron's defaults.
-_ARG_DEFAULTS: Dict[str, Any] = {"lr": 1e-4, "weight_decay": 0.01, "adam_beta1": 0.9, "adam_beta2": 0.999,
-                                 "adam_eps": 1e-8, "clip_grad": 1.0, "log_num_zeros_in_grad": False,
-                                 "ddp_bucket_size": None, "overlap_grad_reduce": False}
 
 
 def param_groups_for(model: nn.Module, weight_decay: float) -> List[Dict[str, Any]]:
@@ -58,8 +56,13 @@ def param_groups_for(model: nn.Module, weight_decay: float) -> List[Dict[str, An
     ``LRSchedule.apply`` keeps its decay at 0); both have ``lr_mult=1``. Frozen params are left out; tied
     params appear once.
     """
-    decay: Dict[str, Any] = {"params": [], "names": [], "weight_decay": float(weight_decay),
-                             "lr_mult": 1.0, "wd_mult": 1.0}
+    decay: Dict[str, Any] = {
+        "params": [],
+        "names": [],
+        "weight_decay": float(weight_decay),
+        "lr_mult": 1.0,
+        "wd_mult": 1.0,
+    }
     no_decay: Dict[str, Any] = {"params": [], "names": [], "weight_decay": 0.0, "lr_mult": 1.0, "wd_mult": 0.0}
     for name, param in model.named_parameters():
         if not param.requires_grad:
@@ -99,7 +102,8 @@ class ParamPair:
     @property
     def main_grad(self) -> torch.Tensor:
         """The fp32 accumulated gradient of the elements this pair covers."""
-        return self.take(self.model_param.main_grad)
+        grad: torch.Tensor = getattr(self.model_param, "main_grad")  # noqa: B009 - attached at run time (DataParallelGrads)
+        return self.take(grad)
 
 
 @dataclass
@@ -119,9 +123,11 @@ def parallel_kwargs(parallel: Any) -> Dict[str, Any]:
     """Constructor keywords for the groups of a :class:`~megalign.parallel.state.ParallelState` (None: single)."""
     if parallel is None:
         return {}
-    return {"data_parallel_group": parallel.data_group,
-            "model_parallel_groups": (parallel.tensor_group, parallel.pipeline_group),
-            "tensor_parallel_rank": parallel.tensor_model_parallel_rank}
+    return {
+        "data_parallel_group": parallel.data_group,
+        "model_parallel_groups": (parallel.tensor_group, parallel.pipeline_group),
+        "tensor_parallel_rank": parallel.tensor_model_parallel_rank,
+    }
 
 
 class MixedPrecisionOptimizer:
@@ -140,11 +146,21 @@ class MixedPrecisionOptimizer:
 
     SHARDED = False  # the distributed optimizer shards masters and moments over the data-parallel group
 
-    def __init__(self, param_groups: Sequence[Mapping[str, Any]], *, lr: float,
-                 betas: Tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, clip_grad: float = 0.0,
-                 count_zeros: bool = False, data_parallel_group: Optional[Any] = None,
-                 bucket_size: Optional[int] = None, overlap_grad_reduce: bool = False,
-                 model_parallel_groups: Sequence[Optional[Any]] = (), tensor_parallel_rank: int = 0) -> None:
+    def __init__(
+        self,
+        param_groups: Sequence[Mapping[str, Any]],
+        *,
+        lr: float,
+        betas: Tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        clip_grad: float = 0.0,
+        count_zeros: bool = False,
+        data_parallel_group: Optional[Any] = None,
+        bucket_size: Optional[int] = None,
+        overlap_grad_reduce: bool = False,
+        model_parallel_groups: Sequence[Optional[Any]] = (),
+        tensor_parallel_rank: int = 0,
+    ) -> None:
         if not (math.isfinite(lr) and lr >= 0.0):
             raise ConfigError(f"--lr {lr} must be a finite number >= 0")
         if not all(0.0 <= beta < 1.0 for beta in betas):
@@ -165,12 +181,15 @@ class MixedPrecisionOptimizer:
         for index, group in enumerate(param_groups):
             params, names = list(group["params"]), group.get("names")
             if names is None or len(names) != len(params):
-                raise ValueError(f"param group {index} needs a 'names' list as long as its 'params' "
-                                 "(build groups with param_groups_for)")
+                raise ValueError(
+                    f"param group {index} needs a 'names' list as long as its 'params' "
+                    "(build groups with param_groups_for)"
+                )
             for name, param in zip(names, params):
                 if not param.is_floating_point():
-                    raise ValueError(f"parameter {name} has dtype {param.dtype}; only floating-point params "
-                                     "are trained")
+                    raise ValueError(
+                        f"parameter {name} has dtype {param.dtype}; only floating-point params are trained"
+                    )
                 if id(param) in seen:
                     raise ValueError(f"parameter {name} appears twice in the param groups")
                 seen.add(id(param))
@@ -178,28 +197,43 @@ class MixedPrecisionOptimizer:
             self._group_sizes.append(len(params))
         if not self.named_params:
             raise ConfigError("the model has no trainable parameters to optimize")
-        self.grads = DataParallelGrads(self.named_params, group=data_parallel_group, bucket_size=bucket_size,
-                                       overlap_grad_reduce=overlap_grad_reduce, shard=self.SHARDED)
-        self._norm_groups = [group for group in ((data_parallel_group,) if self.SHARDED else ())
-                             + tuple(model_parallel_groups) if group is not None]
+        self.grads = DataParallelGrads(
+            self.named_params,
+            group=data_parallel_group,
+            bucket_size=bucket_size,
+            overlap_grad_reduce=overlap_grad_reduce,
+            shard=self.SHARDED,
+        )
+        self._norm_groups = [
+            group
+            for group in ((data_parallel_group,) if self.SHARDED else ()) + tuple(model_parallel_groups)
+            if group is not None
+        ]
         master_groups = []
         try:
             for group in param_groups:
-                pairs = [self._make_pair(name, param) for name, param in zip(group["names"], group["params"])]
-                pairs = [pair for pair in pairs if pair is not None]
+                made = [self._make_pair(name, param) for name, param in zip(group["names"], group["params"])]
+                pairs = [pair for pair in made if pair is not None]
                 self.pairs.extend(pairs)
                 extra = {key: value for key, value in group.items() if key not in ("params", "names")}
                 extra.setdefault("lr_mult", 1.0)
                 extra.setdefault("wd_mult", 1.0)
-                master_groups.append({"params": [pair.master_param for pair in pairs],
-                                      "names": [pair.name for pair in pairs], **extra})
+                master_groups.append(
+                    {"params": [pair.master_param for pair in pairs], "names": [pair.name for pair in pairs], **extra}
+                )
         except BaseException:
             self.close()  # drop the main_grad buffers already attached
             raise
         # the fused kernel (one pass over all tensors) exists for CUDA and CPU; other devices use foreach
         fused = all(name_param[1].device.type in ("cuda", "cpu") for name_param in self.named_params)
-        self.inner = torch.optim.AdamW(master_groups, lr=lr, betas=tuple(betas), eps=eps,
-                                       fused=True if fused else None, foreach=None if fused else True)
+        self.inner = torch.optim.AdamW(
+            master_groups,
+            lr=lr,
+            betas=(betas[0], betas[1]),
+            eps=eps,
+            fused=True if fused else None,
+            foreach=None if fused else True,
+        )
 
     def _make_pair(self, name: str, param: nn.Parameter) -> Optional[ParamPair]:
         """The pair this rank optimizes for ``param``: here the whole parameter (fp32 master = the param)."""
@@ -207,17 +241,26 @@ class MixedPrecisionOptimizer:
         return ParamPair(name, param, master)
 
     @classmethod
-    def from_args(cls, model: nn.Module, args: Any, parallel: Any = None) -> "MixedPrecisionOptimizer":
-        """Build from Megatron flag destinations (lr, weight_decay, adam_beta1/2, adam_eps, clip_grad,
-        log_num_zeros_in_grad, ddp_bucket_size, overlap_grad_reduce); missing attributes take Megatron's
-        defaults. ``parallel``: the run's ParallelState (its DP, TP and PP groups), None for one process."""
-        value = {key: getattr(args, key, None) for key in _ARG_DEFAULTS}
-        value = {key: default if value[key] is None else value[key] for key, default in _ARG_DEFAULTS.items()}
-        groups = param_groups_for(model, value["weight_decay"])
-        return cls(groups, lr=value["lr"], betas=(value["adam_beta1"], value["adam_beta2"]), eps=value["adam_eps"],
-                   clip_grad=value["clip_grad"], count_zeros=value["log_num_zeros_in_grad"],
-                   bucket_size=value["ddp_bucket_size"], overlap_grad_reduce=bool(value["overlap_grad_reduce"]),
-                   **parallel_kwargs(parallel))
+    def from_config(
+        cls, model: nn.Module, optimization: OptimizationSection, parallel: ParallelSection, state: Any = None
+    ) -> "MixedPrecisionOptimizer":
+        """Build for ``model`` from a run's optimization section (lr, weight decay, AdamW betas and epsilon,
+        clipping) and parallel section (gradient buckets, overlap). ``state``: the run's ParallelState (its DP,
+        TP and PP groups), None for one process."""
+        opt = optimization
+        if opt.lr is None:
+            raise ConfigError("--lr is required")
+        groups = param_groups_for(model, opt.weight_decay)
+        return cls(
+            groups,
+            lr=opt.lr,
+            betas=(opt.adam_beta1, opt.adam_beta2),
+            eps=opt.adam_eps,
+            clip_grad=opt.clip_grad,
+            bucket_size=parallel.ddp_bucket_size,
+            overlap_grad_reduce=parallel.overlap_grad_reduce,
+            **parallel_kwargs(state),
+        )
 
     @property
     def param_groups(self) -> List[Dict[str, Any]]:
@@ -244,8 +287,9 @@ class MixedPrecisionOptimizer:
         """fp32 elements this rank holds for optimizer state: separate masters plus Adam moments."""
         total = sum(pair.master_param.numel() for pair in self.pairs if pair.separate_master)
         for pair in self.pairs:
-            total += sum(self.inner.state.get(pair.master_param, {}).get(key, torch.empty(0)).numel()
-                         for key in _MOMENTS)
+            total += sum(
+                self.inner.state.get(pair.master_param, {}).get(key, torch.empty(0)).numel() for key in _MOMENTS
+            )
         return total
 
     # ----- the step -----
@@ -260,6 +304,7 @@ class MixedPrecisionOptimizer:
         grads = self.main_grads()
         for pair, grad in zip(self.pairs, grads):
             pair.master_param.grad = grad
+        total_norm: Optional[torch.Tensor]
         if loss_scaler is None or loss_scaler.scale_value == 1.0:
             # nothing to unscale: the global norm (needed for clipping anyway) is finite iff every element is
             total_norm = self._global_norm(grads)
@@ -269,7 +314,7 @@ class MixedPrecisionOptimizer:
             total_norm = None if found_inf else self._global_norm(grads)
         if loss_scaler is not None:
             loss_scaler.update(found_inf)
-        if found_inf:
+        if found_inf or total_norm is None:
             for pair in self.pairs:
                 pair.master_param.grad = None
             return StepResult(skipped=True, grad_norm=None)
@@ -366,14 +411,26 @@ class MixedPrecisionOptimizer:
 
     def state_dict_json(self) -> Dict[str, Any]:
         """JSON-able hyper-parameters: per group lr, weight_decay, betas, eps, multipliers and member count."""
-        groups = [{"lr": group["lr"], "weight_decay": group["weight_decay"], "betas": list(group["betas"]),
-                   "eps": group["eps"], "lr_mult": group["lr_mult"], "wd_mult": group["wd_mult"],
-                   "num_params": size} for group, size in zip(self.inner.param_groups, self._group_sizes)]
+        groups = [
+            {
+                "lr": group["lr"],
+                "weight_decay": group["weight_decay"],
+                "betas": list(group["betas"]),
+                "eps": group["eps"],
+                "lr_mult": group["lr_mult"],
+                "wd_mult": group["wd_mult"],
+                "num_params": size,
+            }
+            for group, size in zip(self.inner.param_groups, self._group_sizes)
+        ]
         return {"format": STATE_FORMAT, "kind": "adamw", "clip_grad": self.clip_grad, "groups": groups}
 
-    def load_state_dict_tensors(self, tensors: Mapping[str, torch.Tensor],
-                                state_json: Optional[Mapping[str, Any]] = None,
-                                param_names: Optional[Mapping[str, str]] = None) -> None:
+    def load_state_dict_tensors(
+        self,
+        tensors: Mapping[str, torch.Tensor],
+        state_json: Optional[Mapping[str, Any]] = None,
+        param_names: Optional[Mapping[str, str]] = None,
+    ) -> None:
         """Restore :meth:`state_dict_tensors` (and optionally :meth:`state_dict_json`) output exactly.
 
         Masters are loaded and copied into the model params; moments and step counts replace the AdamW
@@ -390,16 +447,22 @@ class MixedPrecisionOptimizer:
         for number, group in enumerate(self.inner.param_groups):
             saved = state_json["groups"][number] if state_json is not None else {}
             torch_state["param_groups"].append(
-                {**{key: value for key, value in group.items() if key != "params"},
-                 "lr": saved.get("lr", group["lr"]), "weight_decay": saved.get("weight_decay", group["weight_decay"]),
-                 "params": [index[id(master)] for master in group["params"]]})
+                {
+                    **{key: value for key, value in group.items() if key != "params"},
+                    "lr": saved.get("lr", group["lr"]),
+                    "weight_decay": saved.get("weight_decay", group["weight_decay"]),
+                    "params": [index[id(master)] for master in group["params"]],
+                }
+            )
             for master in group["params"]:
                 pair = pair_of[id(master)]
                 name = names[pair.name]
                 if f"{PREFIX}exp_avg/{name}" in tensors:
                     moments = {key: pair.take(tensors[f"{PREFIX}{key}/{name}"]).detach().clone() for key in _MOMENTS}
                     torch_state["state"][index[id(master)]] = {
-                        **moments, "step": tensors[f"{PREFIX}step/{name}"].detach().clone()}
+                        **moments,
+                        "step": tensors[f"{PREFIX}step/{name}"].detach().clone(),
+                    }
         self.inner.load_state_dict(torch_state)
         with torch.no_grad():
             for pair in self.pairs:
@@ -414,44 +477,64 @@ class MixedPrecisionOptimizer:
         ours = {f"{PREFIX}{key}/{name}" for name in names.values() for key in (*_MOMENTS, "step", "master")}
         unexpected = sorted(key for key in tensors if key.startswith(PREFIX) and key not in ours)
         if unexpected:
-            raise DataFormatError(f"the checkpoint has {len(unexpected)} optimizer tensors for parameters this "
-                                  f"model lacks, e.g. {unexpected[:3]}; was it saved from a different model?")
+            raise DataFormatError(
+                f"the checkpoint has {len(unexpected)} optimizer tensors for parameters this "
+                f"model lacks, e.g. {unexpected[:3]}; was it saved from a different model?"
+            )
         with_state = any(f"{PREFIX}exp_avg/{name}" in tensors for name in names.values())
-        required = [f"{PREFIX}master/{names[name]}" for name, param in self.named_params
-                    if param.dtype != torch.float32]
+        required = [
+            f"{PREFIX}master/{names[name]}" for name, param in self.named_params if param.dtype != torch.float32
+        ]
         if with_state:
             required += [f"{PREFIX}{key}/{name}" for name in names.values() for key in (*_MOMENTS, "step")]
         missing = [key for key in required if key not in tensors]
         if missing:
-            raise DataFormatError(f"the checkpoint lacks {len(missing)} optimizer tensors, e.g. {missing[:3]}; "
-                                  "it is damaged, or was saved with a different precision or model")
+            raise DataFormatError(
+                f"the checkpoint lacks {len(missing)} optimizer tensors, e.g. {missing[:3]}; "
+                "it is damaged, or was saved with a different precision or model"
+            )
         for own, param in self.named_params:
             name = names[own]
             for key in ("master", *_MOMENTS):
                 tensor = tensors.get(f"{PREFIX}{key}/{name}")
                 if tensor is not None and tuple(tensor.shape) != tuple(param.shape):
-                    raise DataFormatError(f"optimizer tensor {PREFIX}{key}/{name} has shape {tuple(tensor.shape)}, "
-                                          f"the model parameter has {tuple(param.shape)}")
+                    raise DataFormatError(
+                        f"optimizer tensor {PREFIX}{key}/{name} has shape {tuple(tensor.shape)}, "
+                        f"the model parameter has {tuple(param.shape)}"
+                    )
             step = tensors.get(f"{PREFIX}step/{name}")
             if step is not None and step.dim() != 0:
-                raise DataFormatError(f"optimizer tensor {PREFIX}step/{name} must be a scalar, "
-                                      f"got shape {tuple(step.shape)}")
+                raise DataFormatError(
+                    f"optimizer tensor {PREFIX}step/{name} must be a scalar, got shape {tuple(step.shape)}"
+                )
 
     def _check_json(self, state_json: Optional[Mapping[str, Any]]) -> None:
         """Validate saved hyper-parameters against this optimizer; warn when betas/eps changed."""
         if state_json is None:
             return
         if state_json.get("format") != STATE_FORMAT or state_json.get("kind") != "adamw":
-            raise DataFormatError(f"optimizer state has format {state_json.get('format')!r}, kind "
-                                  f"{state_json.get('kind')!r}; this version reads format {STATE_FORMAT} adamw")
+            raise DataFormatError(
+                f"optimizer state has format {state_json.get('format')!r}, kind "
+                f"{state_json.get('kind')!r}; this version reads format {STATE_FORMAT} adamw"
+            )
         saved_groups = state_json.get("groups")
         groups = self.inner.param_groups
-        if not isinstance(saved_groups, list) or len(saved_groups) != len(groups) or any(
-                saved.get("num_params", size) != size for saved, size in zip(saved_groups, self._group_sizes)):
-            raise DataFormatError("the checkpoint's optimizer param groups do not match this model's "
-                                  f"({self._group_sizes} params per group); saved from another model?")
+        if (
+            not isinstance(saved_groups, list)
+            or len(saved_groups) != len(groups)
+            or any(saved.get("num_params", size) != size for saved, size in zip(saved_groups, self._group_sizes))
+        ):
+            raise DataFormatError(
+                "the checkpoint's optimizer param groups do not match this model's "
+                f"({self._group_sizes} params per group); saved from another model?"
+            )
         for saved, group in zip(saved_groups, groups):
             if list(saved.get("betas", [])) != list(group["betas"]) or saved.get("eps") != group["eps"]:
-                logger.warning("Adam betas/eps changed from %s/%s in the checkpoint to %s/%s; using the new values",
-                               saved.get("betas"), saved.get("eps"), list(group["betas"]), group["eps"])
+                logger.warning(
+                    "Adam betas/eps changed from %s/%s in the checkpoint to %s/%s; using the new values",
+                    saved.get("betas"),
+                    saved.get("eps"),
+                    list(group["betas"]),
+                    group["eps"],
+                )
                 break

@@ -4,6 +4,7 @@ Schedulers (Slurm, Kubernetes) send SIGTERM, or a configured signal such as SIGU
 a job. Like Megatron's ``--exit-signal-handler`` (always on here), :class:`PreemptionHandler` only records the
 signal; the training loop checks :attr:`PreemptionHandler.requested` after each optimizer step, saves and stops.
 """
+
 from __future__ import annotations
 
 import signal

@@ -6,6 +6,7 @@ extra forward of activation recomputation, so recomputing never inflates MFU). P
 vendors' dense (no sparsity) tensor-core numbers for bf16/fp16; fp32 training counts TF32 tensor cores,
 half the bf16 figure. Devices not in the table (CPUs among them) report MFU only with --peak-tflops.
 """
+
 from __future__ import annotations
 
 import resource
@@ -73,6 +74,16 @@ def memory_usage(device: torch.device) -> MemoryUsage:
     return MemoryUsage(_resident_bytes() / _GIB, peak / _GIB)
 
 
+@dataclass(frozen=True)
+class Rates:
+    """Tokens and samples per second, model TFLOP/s per device, and MFU (None without a peak)."""
+
+    tokens_per_s: float
+    samples_per_s: float
+    tflops: float
+    mfu: Optional[float]
+
+
 class ThroughputMeter:
     """Rates over a window of steps: tokens/s, samples/s, model TFLOP/s and MFU.
 
@@ -82,9 +93,13 @@ class ThroughputMeter:
     def __init__(self, flops_per_token: int, peak: Optional[float]) -> None:
         self.flops_per_token, self.peak = flops_per_token, peak
 
-    def rates(self, tokens: int, samples: int, seconds: float) -> dict:
-        """``{"tokens_per_s", "samples_per_s", "tflops", "mfu"}`` (mfu None without a peak)."""
+    def rates(self, tokens: int, samples: int, seconds: float) -> "Rates":
+        """Throughput of ``tokens`` and ``samples`` processed in ``seconds`` (mfu None without a peak)."""
         seconds = max(seconds, 1e-9)
         tflops = tokens * self.flops_per_token / seconds / 1e12
-        return {"tokens_per_s": tokens / seconds, "samples_per_s": samples / seconds, "tflops": tflops,
-                "mfu": tflops / self.peak if self.peak else None}
+        return Rates(
+            tokens_per_s=tokens / seconds,
+            samples_per_s=samples / seconds,
+            tflops=tflops,
+            mfu=tflops / self.peak if self.peak else None,
+        )

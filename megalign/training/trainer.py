@@ -16,6 +16,7 @@ step over a pipeline schedule), checkpoint_io.py (checkpoints at any layout), st
 TensorBoard), the optimizers (optimizer.py, distributed_optimizer.py). Only the logging rank (last
 pipeline stage, data- and tensor-parallel rank 0) prints.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -23,23 +24,24 @@ import contextlib
 import io
 import sys
 from dataclasses import dataclass, field
-from typing import Dict, Iterator, List, Optional, TextIO
+from typing import Any, Dict, Iterator, List, Optional, TextIO, Tuple
 
 import torch
 
-from megalign.config import TrainingConfig, add_arguments as add_config_arguments, config_from_namespace
+from megalign.checkpoint.storage import Checkpoint, find_latest_valid
+from megalign.config import TrainingConfig, config_from_namespace
+from megalign.config import add_arguments as add_config_arguments
+from megalign.config.model import flops_per_token
+from megalign.data.tokenizers import Tokenizer
+from megalign.data.training_data import build_training_datasets
 from megalign.errors import ConfigError, DataFormatError
-from megalign.training import batches
 from megalign.model.attention_backends import check_attention_backend
-from megalign.model.config import flops_per_token
-from megalign.parallel.launch import any_rank, init_distributed
-from megalign.parallel.state import initialize_parallel
+from megalign.parallel.launch import any_rank, setup_parallel
+from megalign.training import batches
 from megalign.training.checkpoint_io import CheckpointIO
-from megalign.training.checkpointing import Checkpoint, find_latest_valid
-from megalign.training.loss_scale import (ConstantLossScaler, DynamicLossScaler, LossScaler, SkippedStepTracker,
-                                          TooManyNonFiniteSteps)
-from megalign.training.lr_schedule import LRSchedule
 from megalign.training.distributed_optimizer import build_optimizer
+from megalign.training.loss_scale import SkippedStepTracker, TooManyNonFiniteSteps, loss_scaler_from_config
+from megalign.training.lr_schedule import LRSchedule
 from megalign.training.model_chunks import ModelChunks
 from megalign.training.preemption import PreemptionHandler
 from megalign.training.step_log import StepLogger
@@ -55,6 +57,7 @@ EXAMPLES = """examples:
   torchrun --nproc-per-node 4 pretrain_gpt.py --config run.yaml --tensor-model-parallel-size 2 \
       --pipeline-model-parallel-size 2 --sequence-parallel --use-distributed-optimizer
 """
+
 
 @dataclass
 class TrainResult:
@@ -79,8 +82,10 @@ def check_data_flags(config: TrainingConfig) -> None:
     if config.checkpointing.async_save and config.world_size > 1:
         raise ConfigError("--async-save is for single-process runs; a parallel job saves from every rank at once")
     if p.overlap_grad_reduce and p.pipeline_model_parallel_size > 1 and config.model_config().tie_word_embeddings:
-        raise ConfigError("--overlap-grad-reduce cannot be used with tied embeddings and --pipeline-model-parallel-"
-                          "size > 1 (the two copies of the table are summed before the gradient reduction)")
+        raise ConfigError(
+            "--overlap-grad-reduce cannot be used with tied embeddings and --pipeline-model-parallel-"
+            "size > 1 (the two copies of the table are summed before the gradient reduction)"
+        )
     if config.data.data_path is None:
         raise ConfigError("--data-path is required for training (prefixes written by `megalign preprocess`)")
     if config.data.tokenizer_type is None:
@@ -93,31 +98,17 @@ def _model_dtype(config: TrainingConfig) -> torch.dtype:
     return torch.float16 if config.precision.fp16 else torch.float32
 
 
-def _loss_scaler(config: TrainingConfig) -> LossScaler:
-    """fp16: dynamic (or --loss-scale static) scaling; bf16/fp32: a constant scale of 1 (a no-op)."""
-    p = config.precision
-    if not p.fp16:
-        return ConstantLossScaler(1.0)
-    if p.loss_scale is not None:
-        return ConstantLossScaler(p.loss_scale)
-    return DynamicLossScaler(initial_scale=p.initial_loss_scale, min_scale=p.min_loss_scale,
-                             growth_interval=p.loss_scale_window, hysteresis=p.hysteresis)
-
-
 class Trainer:
     """One training run of ``config``: call :meth:`train`. Log lines go to ``stream``."""
 
     def __init__(self, config: TrainingConfig, stream: TextIO = sys.stdout) -> None:
         check_data_flags(config)
         self.config = config
-        self.args = config.as_namespace()
-        p = config.parallel
-        self.device = init_distributed(p.distributed_backend, p.distributed_timeout_minutes)
-        self.state = initialize_parallel(p.tensor_model_parallel_size, p.pipeline_model_parallel_size,
-                                         p.sequence_parallel)
+        self.device, self.state = setup_parallel(config.parallel)
         self.stream = stream if self.state.is_logging_rank else io.StringIO()
         self.train_iters, self.num_microbatches = config.train_iters, config.num_microbatches
         self.global_batch_size = config.global_batch_size
+        self.seq_length = config.seq_length
         self.iteration = 0
         self.consumed_samples = 0
 
@@ -125,13 +116,15 @@ class Trainer:
         self.tokenizer, vocab_size = self._build_tokenizer()
         self.train_data, self.valid_data = self._build_datasets()
         self.model = self._build_model(vocab_size)
-        self.checkpoints = CheckpointIO(self.model, self.state, self._log, config.checkpointing.async_save)
+        self.checkpoints = CheckpointIO(self.model, self.state, self._log, config.checkpointing)
         self.checkpoint = self._open_checkpoint()
         if self.checkpoint is not None and config.checkpointing.finetune:
             self._load_weights(self.checkpoint)
-        self.optimizer = build_optimizer(self.model, self.args, self.state if self.state.world_size > 1 else None)
-        self.schedule = LRSchedule.from_namespace(self.args)
-        self.scaler = _loss_scaler(config)
+        self.optimizer = build_optimizer(
+            self.model, config.optimization, config.parallel, self.state if self.state.world_size > 1 else None
+        )
+        self.schedule = LRSchedule.from_config(config.optimization, self.train_iters)
+        self.scaler = loss_scaler_from_config(config.precision)
         self.tracker = SkippedStepTracker(config.checkpointing.max_consecutive_skipped_steps)
         if self.checkpoint is not None and not config.checkpointing.finetune:
             self._resume(self.checkpoint)
@@ -141,81 +134,68 @@ class Trainer:
     def _log(self, text: str) -> None:
         print(text, file=self.stream, flush=True)
 
-    def _build_tokenizer(self):
+    def _build_tokenizer(self) -> Tuple[Tokenizer, int]:
         from megalign.data.tokenizers import build_tokenizer, padded_vocab_size
 
         d = self.config.data
+        if d.tokenizer_type is None:
+            raise ConfigError("--tokenizer-type is required for training (with --tokenizer-model where it needs one)")
         tokenizer = build_tokenizer(d.tokenizer_type, d.tokenizer_model, vocab_size=self.config.model.vocab_size)
-        padded = padded_vocab_size(tokenizer.vocab_size, d.make_vocab_size_divisible_by,
-                                   self.config.parallel.tensor_model_parallel_size)
+        padded = padded_vocab_size(
+            tokenizer.vocab_size, d.make_vocab_size_divisible_by, self.config.parallel.tensor_model_parallel_size
+        )
         self._log(f"tokenizer {d.tokenizer_type}: {tokenizer.vocab_size} tokens, padded to {padded}")
         return tokenizer, padded
 
-    def _build_datasets(self):
-        d, eval_iters = self.config.data, self.config.logging.eval_iters
+    def _build_datasets(self) -> Tuple[Any, Optional[Any]]:
+        eval_iters = self.config.logging.eval_iters
         sizes = [self.train_iters * self.global_batch_size, eval_iters * self.global_batch_size, 0]
-        if self.config.misc.sft:
-            train, valid = self._build_sft_datasets(sizes)
-        else:
-            train, valid = self._build_gpt_datasets(sizes)
-        if train is None:
-            raise ConfigError(f"--split {d.split} leaves no documents for training; give the train part a share")
-        if eval_iters > 0 and valid is None:
-            raise ConfigError(f"--split {d.split} leaves no documents for validation; give the valid part a "
-                              "share, or set --eval-iters 0 to train without evaluation")
-        self._log(f"datasets: train {len(train)} samples" + (f", valid {len(valid)} samples" if valid else ""))
-        return train, (valid if eval_iters > 0 else None)
-
-    def _build_gpt_datasets(self, sizes: List[int]):
-        """Pre-training: documents packed into --seq-length samples (GPTDataset, blended by weight)."""
-        from megalign.data.dataset_builder import build_gpt_datasets, parse_data_path
-        from megalign.data.gpt_dataset import GPTDatasetConfig
-
-        d = self.config.data
-        dataset_config = GPTDatasetConfig(
-            random_seed=self.config.misc.seed, sequence_length=self.config.model.seq_length,
-            blend=parse_data_path(d.data_path), split=d.split, path_to_cache=d.data_cache_path,
-            eod_token=self.tokenizer.eod, pad_token=self.tokenizer.pad, reset_position_ids=d.reset_position_ids,
-            reset_attention_mask=d.reset_attention_mask, eod_mask_loss=d.eod_mask_loss)
-        train, valid, _ = build_gpt_datasets(dataset_config, sizes)
-        return train, valid
-
-    def _build_sft_datasets(self, sizes: List[int]):
-        """--sft: one conversation per sample, padded or truncated, loss on the assistant replies only."""
-        from megalign.data.sft_dataset import build_sft_datasets, truncation_counts
-
-        d = self.config.data
-        train, valid, _ = build_sft_datasets(d.data_path, d.split, sizes, self.config.model.seq_length,
-                                             self.config.misc.seed, self.tokenizer.pad, self.tokenizer.eod)
-        truncated, without_loss, total = truncation_counts(train)
-        if truncated:
-            self._log(f"warning: {truncated} of {total} training conversations are longer than --seq-length "
-                      f"{self.config.model.seq_length} and were truncated ({without_loss} lost every reply token)")
-        return train, valid
+        return build_training_datasets(
+            self.config.data,
+            seq_length=self.seq_length,
+            seed=self.config.misc.seed,
+            sft=self.config.misc.sft,
+            sizes=sizes,
+            tokenizer=self.tokenizer,
+            log=self._log,
+        )
 
     def _build_model(self, vocab_size: int) -> ModelChunks:
-        model_config, options, dtype = self.config.model_config(vocab_size=vocab_size), self.config.model_options(), \
-            _model_dtype(self.config)
+        model_config, options, dtype = (
+            self.config.model_config(vocab_size=vocab_size),
+            self.config.model_options(),
+            _model_dtype(self.config),
+        )
         backend = check_attention_backend(options.attention_backend, self.device, dtype)
         p = self.config.parallel
-        model = ModelChunks(model_config, options, self.state, self.config.num_model_chunks,
-                            p.decoder_first_pipeline_num_layers, p.decoder_last_pipeline_num_layers)
+        model = ModelChunks(
+            model_config,
+            options,
+            self.state,
+            self.config.num_model_chunks,
+            p.decoder_first_pipeline_num_layers,
+            p.decoder_last_pipeline_num_layers,
+        )
         model = model.to(device=self.device, dtype=dtype)
         count = sum(param.numel() for param in model.parameters())
         recompute = options.recompute_granularity or "none"
         if options.recompute_granularity == "full":
             recompute += f" ({options.recompute_method}, {options.recompute_num_layers} layers)"
-        layout = (f"TP {self.state.tensor_model_parallel_size}, PP {self.state.pipeline_model_parallel_size}"
-                  f"{f' x {model.spec.num_chunks} chunks' if model.spec.num_chunks > 1 else ''}, DP "
-                  f"{self.state.data_parallel_size}{', sequence parallel' if self.state.sequence_parallel else ''}")
-        self._log(f"model: {format_count(count)} parameters on this rank, {model_config.num_layers} layers, hidden "
-                  f"{model_config.hidden_size}, dtype {dtype}, device {self.device}, attention {backend}, "
-                  f"recompute {recompute}, layout {layout}")
+        layout = (
+            f"TP {self.state.tensor_model_parallel_size}, PP {self.state.pipeline_model_parallel_size}"
+            f"{f' x {model.spec.num_chunks} chunks' if model.spec.num_chunks > 1 else ''}, DP "
+            f"{self.state.data_parallel_size}{', sequence parallel' if self.state.sequence_parallel else ''}"
+        )
+        self._log(
+            f"model: {format_count(count)} parameters on this rank, {model_config.num_layers} layers, hidden "
+            f"{model_config.hidden_size}, dtype {dtype}, device {self.device}, attention {backend}, "
+            f"recompute {recompute}, layout {layout}"
+        )
         if self.config.misc.torch_compile:
             for layer in model.layers():  # per layer (as torchtitan does): compiles once, reused by every layer
                 layer.compile()
             self._log("torch.compile: decoder layers compile on the first step")
-        self.flops_per_token = flops_per_token(model_config, self.config.model.seq_length)
+        self.flops_per_token = flops_per_token(model_config, self.seq_length)
         self.vocab_size = model_config.vocab_size
         return model
 
@@ -227,8 +207,9 @@ class Trainer:
         for problem in problems:
             self._log(f"warning: {problem}")
         if checkpoint is None:
-            raise DataFormatError(f"--load {load}: no valid checkpoint found" +
-                                  (f" ({problems[-1]})" if problems else ""))
+            raise DataFormatError(
+                f"--load {load}: no valid checkpoint found" + (f" ({problems[-1]})" if problems else "")
+            )
         return checkpoint
 
     def _load_weights(self, checkpoint: Checkpoint) -> None:
@@ -239,20 +220,26 @@ class Trainer:
         extra = checkpoint.extra
         missing = [key for key in ("lr_schedule", "loss_scaler", "skipped_steps", "optimizer") if key not in extra]
         if missing:
-            raise DataFormatError(f"{checkpoint.path}: lacks trainer state {missing}; resume needs a checkpoint "
-                                  "written by `megalign train` (or use --finetune to load only the weights)")
+            raise DataFormatError(
+                f"{checkpoint.path}: lacks trainer state {missing}; resume needs a checkpoint "
+                "written by `megalign train` (or use --finetune to load only the weights)"
+            )
         self._load_weights(checkpoint)
         self.checkpoints.load_optimizer(checkpoint, self.optimizer, extra["optimizer"])
         self.schedule.load_state_dict(extra["lr_schedule"])
         self.scaler.load_state_dict(extra["loss_scaler"])
         self.tracker.load_state_dict(extra["skipped_steps"])
         if not self.checkpoints.restore_rng(checkpoint):
-            self._log("note: the checkpoint was saved at another layout; RNG states start fresh (the model has "
-                      "no dropout and the data order follows the consumed samples)")
+            self._log(
+                "note: the checkpoint was saved at another layout; RNG states start fresh (the model has "
+                "no dropout and the data order follows the consumed samples)"
+            )
         self.iteration, self.consumed_samples = checkpoint.step, checkpoint.consumed_samples
         if self.iteration >= self.train_iters:
-            raise ConfigError(f"--load {self.config.checkpointing.load}: the checkpoint is at step {self.iteration}, "
-                              f"already at or past --train-iters {self.train_iters}; raise --train-iters")
+            raise ConfigError(
+                f"--load {self.config.checkpointing.load}: the checkpoint is at step {self.iteration}, "
+                f"already at or past --train-iters {self.train_iters}; raise --train-iters"
+            )
         self._log(f"resumed at step {self.iteration} ({self.consumed_samples} samples consumed)")
 
     # ---- the loop ---------------------------------------------------------------------------------------
@@ -262,13 +249,22 @@ class Trainer:
             high, low = int(tokens.max()), int(tokens.min())
             if high >= self.vocab_size or low < 0:
                 bad = high if high >= self.vocab_size else low
-                raise DataFormatError(f"--data-path {' '.join(self.config.data.data_path)}: token id {bad} is outside "
-                                      f"the model's vocabulary of {self.vocab_size}; the data was tokenized with "
-                                      "another tokenizer than --tokenizer-model (or --vocab-size is too small)")
+                raise DataFormatError(
+                    f"--data-path {' '.join(self.config.data.data_path or [])}: token id {bad} is outside "
+                    f"the model's vocabulary of {self.vocab_size}; the data was tokenized with "
+                    "another tokenizer than --tokenizer-model (or --vocab-size is too small)"
+                )
 
-    def _micro_batches(self, dataset, consumed: int) -> Iterator[Dict[str, torch.Tensor]]:
-        return batches.micro_batches(dataset, consumed, self.config.optimization.micro_batch_size,
-                                     self.state.data_parallel_rank, self.state.data_parallel_size)
+    def _micro_batches(self, dataset: Any, consumed: int) -> Iterator[Dict[str, torch.Tensor]]:
+        return batches.micro_batches(
+            dataset,
+            consumed,
+            self.config.micro_batch_size,
+            self.state.data_parallel_rank,
+            self.state.data_parallel_size,
+            num_workers=self.config.data.num_workers,
+            pin_memory=self.device.type == "cuda",
+        )
 
     def _backward_context(self, is_last: bool):
         """No data-parallel gradient reduction before the last backward pass of a step."""
@@ -282,8 +278,9 @@ class Trainer:
         self._check_tokens(micro)
         self.model.train()
         self.optimizer.zero_grad()
-        loss = self.model.train_step(micro, self.device, _model_dtype(self.config), self.scaler.scale,
-                                     self._backward_context)
+        loss = self.model.train_step(
+            micro, self.device, _model_dtype(self.config), self.scaler.scale, self._backward_context
+        )
         result = self.optimizer.step(self.scaler)
         if not result.skipped:
             self.schedule.step(self.optimizer)
@@ -301,11 +298,19 @@ class Trainer:
 
     def save(self) -> str:
         """Checkpoint the current step to --save (every rank takes part); returns its path."""
-        c = self.config.checkpointing
-        extra = {"lr_schedule": self.schedule.state_dict(), "loss_scaler": self.scaler.state_dict(),
-                 "skipped_steps": self.tracker.state_dict(), "optimizer": self.optimizer.state_dict_json()}
-        return self.checkpoints.save(c.save, self.iteration, self.optimizer, config=self.config.to_dict(),
-                                     consumed_samples=self.consumed_samples, extra=extra, keep_last=c.keep_last)
+        extra = {
+            "lr_schedule": self.schedule.state_dict(),
+            "loss_scaler": self.scaler.state_dict(),
+            "skipped_steps": self.tracker.state_dict(),
+            "optimizer": self.optimizer.state_dict_json(),
+        }
+        return self.checkpoints.save(
+            self.iteration,
+            self.optimizer,
+            config=self.config.to_dict(),
+            consumed_samples=self.consumed_samples,
+            extra=extra,
+        )
 
     def train(self, stop_after: Optional[int] = None) -> TrainResult:
         """Train to --train-iters (or to step ``stop_after``, saving there like Megatron's --exit-interval).
@@ -314,11 +319,17 @@ class Trainer:
         saving a checkpoint there when --save is set. Returns once every checkpoint is on disk.
         """
         log_cfg = self.config.logging
-        logger = StepLogger(self.stream, self.device, self._throughput_meter(),
-                            self.global_batch_size * self.config.model.seq_length, self.global_batch_size,
-                            self.train_iters, log_cfg.log_interval,
-                            log_cfg.tensorboard_dir if self.state.is_logging_rank else None,
-                            log_cfg.tensorboard_log_interval)
+        logger = StepLogger(
+            self.stream,
+            self.device,
+            self._throughput_meter(),
+            self.global_batch_size * self.seq_length,
+            self.global_batch_size,
+            self.train_iters,
+            log_cfg.log_interval,
+            log_cfg.tensorboard_dir if self.state.is_logging_rank else None,
+            log_cfg.tensorboard_log_interval,
+        )
         try:
             with PreemptionHandler() as preemption:
                 result = self._loop(stop_after, preemption, logger)
@@ -347,21 +358,30 @@ class Trainer:
             result.losses[self.iteration] = loss
             if step.grad_norm is not None:
                 result.grad_norms[self.iteration] = step.grad_norm
-            logger.step(self.iteration, loss, lr, step.grad_norm, step.skipped, self.scaler.scale_value,
-                        force=self.iteration == last)
+            logger.step(
+                self.iteration,
+                loss,
+                lr,
+                step.grad_norm,
+                step.skipped,
+                self.scaler.scale_value,
+                force=self.iteration == last,
+            )
             try:
                 self.tracker.record(step.skipped, self.iteration, self.scaler.scale_value)
             except TooManyNonFiniteSteps:
                 if c.save is not None:
                     result.checkpoint = self.save()
                 raise
-            if self.valid_data is not None and (self.iteration % log_cfg.eval_interval == 0
-                                                or self.iteration == self.train_iters):
+            if self.valid_data is not None and (
+                self.iteration % log_cfg.eval_interval == 0 or self.iteration == self.train_iters
+            ):
                 loss = self.evaluate()
                 result.evaluations[self.iteration] = loss
                 logger.validation(self.iteration, loss)
-            saved_now = c.save is not None and (bool(c.save_interval and self.iteration % c.save_interval == 0)
-                                                or self.iteration == last)
+            saved_now = c.save is not None and (
+                bool(c.save_interval and self.iteration % c.save_interval == 0) or self.iteration == last
+            )
             if saved_now:
                 result.checkpoint = self.save()
             if any_rank(preemption.requested, self.device):
@@ -373,14 +393,15 @@ class Trainer:
         """Checkpoint the current step (unless just saved) and record that ``name`` stopped the run."""
         result.preempted_by = name
         if self.config.checkpointing.save is None:
-            self._log(f"received {name} at step {self.iteration}: no --save directory, nothing could be saved; "
-                      "exiting")
+            self._log(f"received {name} at step {self.iteration}: no --save directory, nothing could be saved; exiting")
             return
         if not saved_now:
             result.checkpoint = self.save()
         self.checkpoints.wait()
-        self._log(f"received {name}: saved checkpoint {result.checkpoint} at step {self.iteration}, exiting "
-                  f"(resume with --load {self.config.checkpointing.save})")
+        self._log(
+            f"received {name}: saved checkpoint {result.checkpoint} at step {self.iteration}, exiting "
+            f"(resume with --load {self.config.checkpointing.save})"
+        )
 
     def close(self) -> None:
         """Finish a background save, detach the optimizer's gradient hooks and close the checkpoint."""
@@ -410,8 +431,10 @@ def main(args: argparse.Namespace) -> int:
     if not result.logging_rank:
         return 0
     if result.preempted_by is not None:
-        print(f"training stopped by {result.preempted_by} at step {result.iteration} ({result.consumed_samples} "
-              "samples)", flush=True)
+        print(
+            f"training stopped by {result.preempted_by} at step {result.iteration} ({result.consumed_samples} samples)",
+            flush=True,
+        )
         return 0
     print(f"training finished at step {result.iteration} ({result.consumed_samples} samples)", flush=True)
     return 0

@@ -3,6 +3,7 @@
 Every writer in megalign writes to a temporary sibling and renames it into place with os.replace,
 which is atomic on POSIX file systems when source and target are in the same directory.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -41,8 +42,7 @@ def atomic_write(path: PathLike, mode: str = "w", encoding: str | None = "utf-8"
     """
     tmp = temporary_sibling(path)
     try:
-        kwargs = {} if "b" in mode else {"encoding": encoding}
-        with open(tmp, mode, **kwargs) as handle:
+        with open(tmp, mode, encoding=None if "b" in mode else encoding) as handle:
             yield handle
         commit(tmp, path)
     except BaseException:

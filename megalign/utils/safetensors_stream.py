@@ -4,6 +4,7 @@ The header is planned from the tensors' names, shapes and dtypes before any data
 then appended as soon as it is produced, in the planned order. The bytes are exactly what
 ``safetensors.torch.save_file`` would accept on reading (8-byte aligned data, little-endian).
 """
+
 from __future__ import annotations
 
 import json
@@ -17,9 +18,18 @@ import torch
 
 __all__ = ["SAFETENSORS_CODES", "StreamingSafetensorsWriter", "tensor_nbytes"]
 
-SAFETENSORS_CODES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
-                     torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8",
-                     torch.uint8: "U8", torch.bool: "BOOL"}
+SAFETENSORS_CODES = {
+    torch.float64: "F64",
+    torch.float32: "F32",
+    torch.float16: "F16",
+    torch.bfloat16: "BF16",
+    torch.int64: "I64",
+    torch.int32: "I32",
+    torch.int16: "I16",
+    torch.int8: "I8",
+    torch.uint8: "U8",
+    torch.bool: "BOOL",
+}
 
 
 def tensor_nbytes(shape: Sequence[int], dtype: torch.dtype) -> int:
@@ -35,8 +45,12 @@ class StreamingSafetensorsWriter:
     on error, so a half-written file is never installed.
     """
 
-    def __init__(self, path: Path, plan: Sequence[Tuple[str, Tuple[int, ...], torch.dtype]],
-                 metadata: Optional[Dict[str, str]] = None) -> None:
+    def __init__(
+        self,
+        path: Path,
+        plan: Sequence[Tuple[str, Tuple[int, ...], torch.dtype]],
+        metadata: Optional[Dict[str, str]] = None,
+    ) -> None:
         self.path = Path(path)
         header: Dict[str, Any] = {"__metadata__": dict(metadata)} if metadata else {}
         offset = 0
@@ -47,8 +61,11 @@ class StreamingSafetensorsWriter:
             if name in header:
                 raise ValueError(f"tensor {name} planned twice for {self.path}")
             nbytes = tensor_nbytes(shape, dtype)
-            header[name] = {"dtype": SAFETENSORS_CODES[dtype], "shape": list(shape),
-                            "data_offsets": [offset, offset + nbytes]}
+            header[name] = {
+                "dtype": SAFETENSORS_CODES[dtype],
+                "shape": list(shape),
+                "data_offsets": [offset, offset + nbytes],
+            }
             self._pending.append((name, tuple(shape), dtype))
             offset += nbytes
         encoded = json.dumps(header, separators=(",", ":")).encode("utf-8")
@@ -68,7 +85,7 @@ class StreamingSafetensorsWriter:
             raise RuntimeError(f"{self.path}: tensor {name} has shape {list(tensor.shape)}, planned {list(shape)}")
         data = tensor.detach().to("cpu", dtype).contiguous()
         if data.numel():
-            self._handle.write(memoryview(data.view(torch.uint8).reshape(-1).numpy()))
+            self._handle.write(data.view(torch.uint8).reshape(-1).numpy().data)
 
     def close(self) -> Dict[str, Any]:
         """Finish the file (every planned tensor must have been added); returns ``{"size": bytes}``."""

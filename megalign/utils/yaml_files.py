@@ -1,4 +1,5 @@
 """Reading YAML files with errors that name the file (ConfigError), for configs, guidelines and lexicons."""
+
 from __future__ import annotations
 
 from typing import Any, Optional

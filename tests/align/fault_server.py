@@ -27,6 +27,8 @@ Fault specs (a `Fault` or its string form):
   "empty"          200 with an empty message content
   "truncated"      200 with half the reply and ``finish_reason: "length"``
   "drop"           close the connection without replying
+  "hangup"         reply normally, then close the connection without saying so (a keep-alive server that
+                   times an idle connection out; the client must not reuse it)
   "partial"        send headers and half the body, then close
   "reply:TEXT"     200 with TEXT as the reply
 ``default_fault`` sees a `RequestInfo` (``index``: the request's number on this server, ``prompt``,
@@ -34,6 +36,10 @@ Fault specs (a `Fault` or its string form):
 request. ``latency`` delays every reply (for concurrency tests; ``max_in_flight`` records the peak).
 With ``api_key`` set, requests without ``Authorization: Bearer <api_key>`` get a 401 whose message
 echoes the key presented (as OpenAI's does), so tests can check that clients redact it.
+``keep_alive=True`` answers in HTTP/1.1 and keeps connections open between requests (the default closes
+each one after its reply, as HTTP/1.0 does); an idle connection is closed after ``idle_timeout`` seconds.
+``connections`` counts the connections accepted and ``closed_connections`` those that ended, so tests can
+check that clients reuse them and close them.
 """
 from __future__ import annotations
 
@@ -45,7 +51,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Union
 
 FAULT_KINDS = ("ok", "http", "rate_limit", "delay", "malformed", "empty_body", "no_choices", "empty",
-               "truncated", "drop", "partial", "reply")
+               "truncated", "drop", "hangup", "partial", "reply")
 
 
 @dataclass(frozen=True)
@@ -146,13 +152,18 @@ class FaultServer:
     def __init__(self, plan: Optional[Mapping[str, Sequence[FaultSpec]]] = None, *,
                  respond: Callable[[str], str] = default_respond,
                  default_fault: Optional[Callable[[RequestInfo], FaultSpec]] = None,
-                 latency: float = 0.0, api_key: Optional[str] = None, model: str = "fault-model") -> None:
+                 latency: float = 0.0, api_key: Optional[str] = None, model: str = "fault-model",
+                 keep_alive: bool = False, idle_timeout: float = 5.0) -> None:
         self.plan: Dict[str, List[Fault]] = {k: [Fault.parse(f) for f in v] for k, v in (plan or {}).items()}
         self.respond = respond
         self.default_fault = default_fault
         self.latency = latency
         self.api_key = api_key
         self.model = model
+        self.keep_alive = keep_alive
+        self.idle_timeout = idle_timeout
+        self.connections = 0
+        self.closed_connections = 0
         self.log: List[RequestInfo] = []
         self.in_flight = 0
         self.max_in_flight = 0
@@ -171,7 +182,9 @@ class FaultServer:
         self.stop()
 
     def start(self) -> "FaultServer":
-        handler = type("FaultHandler", (_Handler,), {"fault_server": self})
+        handler = type("FaultHandler", (_Handler,), {
+            "fault_server": self, "protocol_version": "HTTP/1.1" if self.keep_alive else "HTTP/1.0",
+            "timeout": self.idle_timeout if self.keep_alive else None})
         self._httpd = _Server(("127.0.0.1", 0), handler)
         self._thread = threading.Thread(target=self._httpd.serve_forever, kwargs={"poll_interval": 0.05},
                                         name="fault-server", daemon=True)
@@ -245,6 +258,14 @@ class FaultServer:
             info.fault = Fault.parse(self.default_fault(info))
         return info
 
+    def _connected(self) -> None:
+        with self._lock:
+            self.connections += 1
+
+    def _disconnected(self) -> None:
+        with self._lock:
+            self.closed_connections += 1
+
     def _done(self) -> None:
         with self._lock:
             self.in_flight -= 1
@@ -276,6 +297,16 @@ class _Handler(BaseHTTPRequestHandler):
 
     def log_message(self, format: str, *args: Any) -> None:  # silence the default stderr log
         pass
+
+    def setup(self) -> None:  # once per accepted connection
+        super().setup()
+        self.fault_server._connected()
+
+    def finish(self) -> None:  # once per connection, when it ends
+        try:
+            super().finish()
+        finally:
+            self.fault_server._disconnected()
 
     def _send(self, status: int, payload: Union[bytes, Dict[str, Any]], headers: Optional[Dict[str, str]] = None
               ) -> None:
@@ -329,8 +360,10 @@ class _Handler(BaseHTTPRequestHandler):
             if server._stop.wait(fault.seconds):
                 return
             kind = "ok"
-        if kind in ("ok", "reply"):
+        if kind in ("ok", "reply", "hangup"):
             self._send(200, server._completion(info, chat, text))
+            if kind == "hangup":
+                self.close_connection = True
         elif kind == "http":
             self._send(fault.status, _error_body(fault.status, f"injected HTTP {fault.status}"))
         elif kind == "rate_limit":

@@ -1,4 +1,8 @@
-"""ChatClient against the fault-injecting loopback server: retries, failures, pacing, batches, secrecy."""
+"""ChatClient against the fault-injecting loopback server: retries, failures, pacing, batches, secrecy.
+
+Waits (backoff, Retry-After, rate limits, cool-downs) run on an injected `FakeClock`, and the tests assert
+on the waits it was asked for, never on how long the machine took.
+"""
 from __future__ import annotations
 
 import argparse
@@ -23,12 +27,34 @@ from fault_server import Fault, FaultServer
 SECRET = "sk-SECRET-abcdef123456"
 
 
-def make_client(urls: Any, **overrides: Any) -> ChatClient:
-    """A client tuned for fast tests: short timeout, tiny backoff, seeded jitter, no key from the env."""
+class FakeClock:
+    """Monotonic time that moves only when something sleeps on it; records every sleep (thread-safe)."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+        self.sleeps: List[float] = []
+        self._lock = threading.Lock()
+
+    def monotonic(self) -> float:
+        with self._lock:
+            return self.now
+
+    def sleep(self, seconds: float) -> None:
+        with self._lock:
+            self.sleeps.append(seconds)
+            self.now += seconds
+
+
+def make_client(urls: Any, clock: Optional[FakeClock] = None, **overrides: Any) -> ChatClient:
+    """A client tuned for fast tests: short timeout, tiny backoff, seeded jitter, no key from the env;
+    with `clock`, every wait runs on that fake clock."""
     settings = dict(model="fault-model", timeout=0.5, backoff_base=0.01, backoff_max=0.05, max_retries=3,
                     seed=0, api_key_env=None, endpoint_cooldown=0.05)
     settings.update(overrides)
-    return ChatClient(ClientConfig(base_urls=urls if isinstance(urls, list) else [urls], **settings))
+    config = ClientConfig(base_urls=urls if isinstance(urls, list) else [urls], **settings)
+    if clock is None:
+        return ChatClient(config)
+    return ChatClient(config, clock=clock.monotonic, sleep=clock.sleep)
 
 
 def chat(client: ChatClient, text: str, key: Optional[str] = None, **params: Any) -> CompletionResult:
@@ -109,24 +135,25 @@ def test_client_errors_fail_fast_without_retry(status: int, fatal: bool) -> None
 
 
 def test_retry_after_is_honoured() -> None:
-    with FaultServer({"slow": ["429:0.5"], "fast": ["429"]}) as server:
-        client = make_client(server.base_url)
-        start = time.monotonic()
-        assert chat(client, "slow").ok
-        waited = time.monotonic() - start
-        start = time.monotonic()
-        assert chat(client, "fast").ok
-        unhinted = time.monotonic() - start
-    assert waited >= 0.45, waited
-    assert unhinted < 0.4, unhinted  # without Retry-After only the (tiny) backoff applies
+    clock = FakeClock()
+    with FaultServer({"slow": ["429:2"], "fast": ["429"]}) as server:
+        client = make_client(server.base_url, clock)
+        slow = chat(client, "slow")
+        assert slow.ok and slow.attempts == 2
+        assert len(clock.sleeps) == 1 and clock.sleeps[0] >= 2.0, clock.sleeps  # Retry-After: 2
+        assert slow.elapsed >= 2.0  # measured on the same clock
+        fast = chat(client, "fast")
+        assert fast.ok and fast.attempts == 2
+    assert len(clock.sleeps) == 2
+    assert clock.sleeps[1] <= 0.05, clock.sleeps  # without Retry-After only the (tiny) backoff applies
 
 
 def test_retry_after_is_capped() -> None:
+    clock = FakeClock()
     with FaultServer({"r": ["429:30"]}) as server:
-        client = make_client(server.base_url, max_retry_after=0.1)
-        start = time.monotonic()
+        client = make_client(server.base_url, clock, max_retry_after=0.1)
         assert chat(client, "r").ok
-        assert time.monotonic() - start < 5
+    assert clock.sleeps == [pytest.approx(0.1)]  # the server asked for 30 s; the cap is 0.1 s
 
 
 def test_concurrency_bound_is_respected() -> None:
@@ -167,12 +194,13 @@ def test_keyboard_interrupt_cancels_the_rest() -> None:
         def on_result(result: CompletionResult) -> None:
             raise KeyboardInterrupt
 
-        start = time.monotonic()
         with pytest.raises(KeyboardInterrupt):
             client.run_many((CompletionRequest(key=i, prompt=f"doc {i}") for i in range(200)), on_result)
-        assert time.monotonic() - start < 2
-        time.sleep(0.2)
-        assert server.total_requests <= 8
+        for thread in threading.enumerate():  # let attempts already on the wire finish (bounded)
+            if thread.name.startswith("megalign-client"):
+                thread.join(timeout=10)
+        # at most the 2 x concurrency window was ever started, however fast or slow the machine is
+        assert server.total_requests <= 4
 
 
 def test_fatal_error_stops_the_batch_with_a_clear_error() -> None:
@@ -187,8 +215,10 @@ def test_fatal_error_stops_the_batch_with_a_clear_error() -> None:
 
 def test_multiple_base_urls_with_one_dead_still_complete_everything() -> None:
     dead = dead_url()
+    clock = FakeClock()  # the 5 s cool-down lasts until the fake clock has slept 5 s, however slow the test runs
     with FaultServer() as a, FaultServer() as b:
-        client = make_client([dead, a.base_url, b.base_url], max_concurrency=4, endpoint_cooldown=5.0, timeout=5)
+        client = make_client([dead, a.base_url, b.base_url], clock, max_concurrency=4, endpoint_cooldown=5.0,
+                             timeout=5)
         results = client.map(CompletionRequest(key=i, prompt=f"doc {i}") for i in range(30))
         assert len(results) == 30 and all(r.ok for r in results)
         assert a.total_requests > 0 and b.total_requests > 0
@@ -291,23 +321,32 @@ def test_token_bucket_with_fake_clock() -> None:
 
 
 def test_rate_limiter_paces_requests_and_tokens() -> None:
-    limiter = RateLimiter(requests_per_minute=600, tokens_per_minute=6000)  # 10 req/s, 100 tok/s
-    start = time.monotonic()
+    clock = FakeClock()
+    limiter = RateLimiter(requests_per_minute=600, tokens_per_minute=6000,  # 10 req/s, 100 tok/s
+                          clock=clock.monotonic, sleep=clock.sleep)
     for _ in range(15):
         assert limiter.acquire(1)
-    assert time.monotonic() - start >= 0.4  # 10 burst, then 5 more at 0.1 s each
+    # 10 burst, then 5 more at 0.1 s each
+    assert clock.sleeps == [pytest.approx(0.1)] * 5 and clock.now == pytest.approx(0.5)
+    tokens = FakeClock()
+    by_tokens = RateLimiter(tokens_per_minute=6000, clock=tokens.monotonic, sleep=tokens.sleep)
+    assert by_tokens.acquire(100) and tokens.sleeps == []  # a full bucket of 100 tokens
+    assert by_tokens.acquire(50) and tokens.sleeps == [pytest.approx(0.5)]  # 50 tokens at 100/s
     cancel = threading.Event()
     cancel.set()
     assert limiter.acquire(10_000, cancel) is False
+    assert RateLimiter(requests_per_minute=60).acquire(1, cancel)  # a free slot is taken without waiting
 
 
 def test_client_rate_limit_spaces_requests() -> None:
+    clock = FakeClock()
     with FaultServer() as server:
-        client = make_client(server.base_url, requests_per_minute=1200, max_concurrency=4, timeout=5)
-        start = time.monotonic()
+        client = make_client(server.base_url, clock, requests_per_minute=1200, max_concurrency=4, timeout=5)
         results = client.map(CompletionRequest(key=i, prompt="x") for i in range(30))
-        assert all(r.ok for r in results)
-        assert time.monotonic() - start >= 0.4  # 20 burst + 10 at 20/s
+        assert len(results) == 30 and all(r.ok for r in results)
+    # 20 burst + 10 at 20/s: the clients' waits moved the clock by at least 10 x 0.05 s
+    assert clock.now >= 0.5 - 1e-9, clock.sleeps
+    assert all(0 < s <= 0.05 + 1e-9 for s in clock.sleeps)
 
 
 def test_backoff_is_seeded_full_jitter() -> None:

@@ -85,7 +85,7 @@ def test_unscorable_documents_are_never_chosen(tmp_path):
 
 
 def test_seed_with_a_real_reference_checkpoint(tmp_path, tiny_llama_checkpoint):
-    from megalign.inference.scoring import checkpoint_scorer
+    from megalign.inference.model_loading import checkpoint_scorer
 
     corpus = _corpus(tmp_path / "corpus", 12)
     scorer = checkpoint_scorer(str(tiny_llama_checkpoint))

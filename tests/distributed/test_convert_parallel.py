@@ -17,12 +17,12 @@ from megalign.convert import convert_hf_to_megalign, convert_megalign_to_hf
 from megalign.data.indexed_dataset import IndexedDataset
 from megalign.data.tokenizers import build_tokenizer
 from megalign.model import GPTModel
-from megalign.model.config import ModelConfig, ModelOptions, preset, to_hf_config
+from megalign.config.model import ModelConfig, ModelOptions, preset, to_hf_config
 from megalign.ops.rotary import RopeScaling
 from megalign.parallel import initialize_parallel
 from megalign.parallel.pipeline import run_schedule, schedule_for
 from megalign.training.checkpoint_io import CheckpointIO
-from megalign.training.checkpointing import Checkpoint, load_checkpoint
+from megalign.checkpoint.storage import Checkpoint, load_checkpoint
 from megalign.training.model_chunks import ModelChunks
 from megalign.training.trainer import train
 

@@ -2,12 +2,12 @@
 `megalign.parallel.memory.rank_parameters` says), and optimizer state is 1/DP with the distributed optimizer."""
 from __future__ import annotations
 
-import argparse
 from typing import Dict
 
 import pytest
 import torch
 
+from megalign.config.sections import OptimizationSection, ParallelSection
 from megalign.model import ModelOptions, parameter_count, preset
 from megalign.parallel import initialize_parallel
 from megalign.parallel.memory import rank_parameters
@@ -21,8 +21,8 @@ def _rank_memory(rank: int, world: int, tp: int, pp: int, zero1: bool, dtype_nam
     state = initialize_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
     torch.manual_seed(3)
     model = ModelChunks(CONFIG, ModelOptions(), state, 1).to(getattr(torch, dtype_name))
-    args = argparse.Namespace(lr=1e-3, use_distributed_optimizer=zero1)
-    optimizer = build_optimizer(model, args, state)
+    optimizer = build_optimizer(model, OptimizationSection(lr=1e-3), ParallelSection(use_distributed_optimizer=zero1),
+                                state)
     (sum(p.float().sum() for p in model.parameters()) * 0.0).backward()  # any gradient will do:
     optimizer.step()  # the optimizer state is allocated at the first step
     stage = model.chunks[0].stage

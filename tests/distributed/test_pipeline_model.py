@@ -10,8 +10,8 @@ import torch
 from megalign.model import GPTModel, preset
 from megalign.model.decoder import PipelineStage
 from megalign.parallel import gather_state_dict, initialize_parallel
-from megalign.parallel.pipeline import (PipelineSpec, run_schedule, schedule_for, stage_layer_ranges,
-                                        sum_tied_embedding_grads)
+from megalign.config.layout import stage_layer_ranges
+from megalign.parallel.pipeline import PipelineSpec, run_schedule, schedule_for, sum_tied_embedding_grads
 
 CONFIGS = {"llama": preset("tiny", num_layers=4, vocab_size=256),
            "qwen2": preset("tiny", num_layers=4, vocab_size=256, qkv_bias=True, tie_word_embeddings=True)}

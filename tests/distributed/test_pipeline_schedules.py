@@ -99,7 +99,7 @@ def test_pipeline_gradients_equal_unsplit_model(distributed, world: int, num_chu
 
 
 def test_stage_layer_ranges() -> None:
-    from megalign.parallel.pipeline import stage_layer_ranges
+    from megalign.config.layout import stage_layer_ranges
 
     assert stage_layer_ranges(8, 4) == [range(0, 2), range(2, 4), range(4, 6), range(6, 8)]
     assert stage_layer_ranges(10, 4, first_stage_layers=1, last_stage_layers=3) == \

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from megalign.parallel.state import ParallelState, initialize_parallel
-from megalign.training.checkpointing import load_checkpoint, read_latest_step
-from megalign.training.sharded_checkpoint import local_part, read_local_shard, save_sharded_checkpoint
+from megalign.checkpoint.storage import load_checkpoint, read_latest_step
+from megalign.checkpoint.sharded import local_part, read_local_shard, save_sharded_checkpoint
 
 KV_PARTS = 2  # like a model with 2 key/value heads: replicated when TP = 4
 

@@ -40,11 +40,16 @@ def test_demo_runs_end_to_end(tmp_path: Path, repo_root: Path) -> None:
                                       open(workdir / "align" / "aligned" / f"part-0000{i}-of-00008.jsonl"))
     assert report["removed"]["urls"] > 0 and report["statuses"]["rewritten"] == 46
     assert (workdir / "hf_export" / "config.json").is_file() and (workdir / "hf_export" / "model.safetensors").is_file()
-    from megalign.utils.tensorboard import read_scalars
+    from tensorboard.backend.event_processing import event_accumulator
 
     events = sorted((workdir / "tensorboard").glob("events.out.tfevents.*"))
     assert len(events) == 2  # the first run and the resumed one
-    steps = sorted(step for path in events for tag, step, _ in read_scalars(path) if tag == "lm loss")
+    steps = []
+    for path in events:
+        acc = event_accumulator.EventAccumulator(str(path), size_guidance={event_accumulator.SCALARS: 0})
+        acc.Reload()
+        steps.extend(event.step for event in acc.Scalars("lm loss"))
+    steps.sort()
     assert steps == list(range(1, 121))
 
     from megalign.data.indexed_dataset import IndexedDataset

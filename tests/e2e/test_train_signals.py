@@ -13,7 +13,7 @@ from typing import Callable, Dict, List
 
 import pytest
 
-from megalign.training.checkpointing import list_checkpoints, load_checkpoint, read_latest_step
+from megalign.checkpoint.storage import list_checkpoints, load_checkpoint, read_latest_step
 from megalign.training.preemption import PreemptionHandler
 
 STEP_LINE = re.compile(r"^step (\d+)/\d+ \| loss (\S+) \|", re.MULTILINE)

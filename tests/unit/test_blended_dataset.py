@@ -9,14 +9,8 @@ import pytest
 import torch
 
 from megalign.data.blended_dataset import BlendedDataset, normalize
-from megalign.data.dataset_builder import (
-    build_gpt_datasets,
-    document_ranges,
-    parse_data_path,
-    parse_split,
-    samples_per_dataset,
-    split_matrix_from_vector,
-)
+from megalign.config.data_paths import parse_data_path, parse_split, split_matrix_from_vector
+from megalign.data.dataset_builder import build_gpt_datasets, document_ranges, samples_per_dataset
 from megalign.data.gpt_dataset import GPTDataset, GPTDatasetConfig, Split
 from megalign.data.index_cache import IndexCache
 from megalign.data.index_helpers import build_blending_indices, build_exhaustive_blending_indices

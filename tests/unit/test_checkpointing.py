@@ -11,8 +11,8 @@ import safetensors.torch
 import torch
 
 from megalign.errors import DataFormatError
-from megalign.training import checkpointing as ckpt
-from megalign.training.checkpoint_format import (
+from megalign.checkpoint import storage as ckpt
+from megalign.checkpoint.format import (
     FORMAT_NAME, FORMAT_VERSION, LATEST_FILE, METADATA_FILE, ShardSpec, TensorSpec, iter_dir_name)
 
 

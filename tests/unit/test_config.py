@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from megalign.config import TrainingConfig, add_arguments, build_parser, config_from_namespace, load_config, read_yaml
-from megalign.config_flags import CONFLICTS, FLAGS, FLAGS_BY_DEST, flags_markdown
+from megalign.config.training import CONFLICTS, FLAGS, FLAGS_BY_DEST, flags_markdown
 from megalign.errors import ConfigError
-from megalign.model.config import PRESETS
+from megalign.config.model import PRESETS
 from megalign.model.decoder import GPTModel
 from megalign.training.lr_schedule import LRSchedule
 from megalign.training.optimizer import MixedPrecisionOptimizer
@@ -226,25 +226,25 @@ def test_from_dict_rejects_bad_input(mutate, match: str) -> None:
         TrainingConfig.from_dict(data)
 
 
-def test_lr_schedule_reads_the_namespace() -> None:
+def test_lr_schedule_reads_its_section() -> None:
     cfg = _load("--lr-warmup-iters", "10", "--lr-decay-style", "cosine", "--min-lr", "3e-5")
-    sched = LRSchedule.from_namespace(cfg.as_namespace())
+    sched = LRSchedule.from_config(cfg.optimization, cfg.train_iters)
     assert (sched.lr, sched.min_lr, sched.warmup_steps, sched.decay_steps) == (3e-4, 3e-5, 10, 100)
     assert sched.lr_at(10) == pytest.approx(3e-4) and sched.lr_at(100) == pytest.approx(3e-5)
     # --train-samples: steps = samples // global batch, and warmup fraction of it
     samples = load_config(["--model-preset", "tiny", "--seq-length", "64", "--micro-batch-size", "2",
                            "--global-batch-size", "4", "--train-samples", "400", "--lr", "1e-3",
                            "--lr-warmup-fraction", "0.25"])
-    sched = LRSchedule.from_namespace(samples.as_namespace())
+    sched = LRSchedule.from_config(samples.optimization, samples.train_iters)
     assert (sched.decay_steps, sched.warmup_steps) == (100, 25.0)
 
 
-def test_optimizer_reads_the_namespace() -> None:
+def test_optimizer_reads_its_section() -> None:
     cfg = _load("--weight-decay", "0.1", "--adam-beta1", "0.8", "--adam-beta2", "0.95", "--adam-eps", "1e-6",
                 "--clip-grad", "0.5")
     torch.manual_seed(0)
     model = GPTModel(cfg.model_config())
-    opt = MixedPrecisionOptimizer.from_args(model, cfg.as_namespace())
+    opt = MixedPrecisionOptimizer.from_config(model, cfg.optimization, cfg.parallel)
     try:
         group = opt.param_groups[0]
         assert group["lr"] == 3e-4 and group["weight_decay"] == 0.1

@@ -19,12 +19,12 @@ from megalign.convert.hf_to_megalign import tensor_split
 from megalign.convert.megalign_to_hf import parse_size
 from megalign.errors import ConfigError, DataFormatError
 from megalign.model import GPTModel
-from megalign.model.config import ModelConfig, preset, to_hf_config
+from megalign.config.model import ModelConfig, preset, to_hf_config
 from megalign.model.hf_weights import weight_names
 from megalign.ops.rotary import RopeScaling
 from megalign.parallel.sharding import shard, tensor_parallel_axis, tensor_parallel_replicas
 from megalign.parallel.state import ParallelContext
-from megalign.training.checkpointing import load_checkpoint
+from megalign.checkpoint.storage import load_checkpoint
 
 transformers = pytest.importorskip("transformers")
 
@@ -287,7 +287,7 @@ def test_convert_checkpoint_script(hf_dirs, tmp_path, repo_root):
 def test_export_trainer_checkpoint(tmp_path):
     """A checkpoint written by the trainer (training config in its metadata, no HF record) exports too."""
     from megalign.config import load_config
-    from megalign.training.checkpointing import save_checkpoint
+    from megalign.checkpoint.storage import save_checkpoint
 
     training = load_config(["--model-preset", "tiny", "--seq-length", "32", "--micro-batch-size", "1", "--lr",
                             "1e-3", "--train-iters", "1", "--data-path", "x", "--tokenizer-type", "NullTokenizer",

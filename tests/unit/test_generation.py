@@ -15,12 +15,14 @@ import torch
 from megalign.config import load_config
 from megalign.data.tokenizers import build_tokenizer, padded_vocab_size
 from megalign.errors import ConfigError, DataFormatError, TokenizerError
-from megalign.inference import (GenerationParams, Generator, KVCache, PromptTooLongError, chat_prompt,
-                                load_model)
+from megalign.inference.generation import Generator, PromptTooLongError, chat_prompt
+from megalign.inference.model_loading import load_model
+from megalign.inference.sampling import GenerationParams
+from megalign.model.kv_cache import KVCache
 from megalign.inference.fast_decode import DEFAULT_COPY_LIMIT_BYTES, FastDecoder, ModelDecoder
 from megalign.model import GPTModel, ModelOptions
-from megalign.model.config import preset
-from megalign.training.checkpointing import save_checkpoint
+from megalign.config.model import preset
+from megalign.checkpoint.storage import save_checkpoint
 
 transformers = pytest.importorskip("transformers")
 

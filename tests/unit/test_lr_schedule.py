@@ -190,12 +190,13 @@ def test_validation_names_the_flag(kwargs: Dict[str, Any], message: str) -> None
         LRSchedule(**kwargs)
 
 
-def test_from_namespace_uses_megatron_flag_names() -> None:
-    args = argparse.Namespace(lr=1e-3, min_lr=1e-5, lr_warmup_iters=0, lr_warmup_fraction=0.1, lr_decay_iters=None,
-                              train_iters=200, lr_decay_style="cosine", lr_wsd_decay_iters=None,
-                              lr_wsd_decay_style="exponential", weight_decay=0.1, start_weight_decay=None,
-                              end_weight_decay=None, weight_decay_incr_style="constant", micro_batch_size=4)
-    sched = LRSchedule.from_namespace(args)
+def test_from_config_uses_megatron_flag_names() -> None:
+    from megalign.config.sections import OptimizationSection
+
+    section = OptimizationSection(lr=1e-3, min_lr=1e-5, lr_warmup_iters=0, lr_warmup_fraction=0.1, lr_decay_iters=None,
+                                  train_iters=200, lr_decay_style="cosine", lr_wsd_decay_iters=None,
+                                  lr_wsd_decay_style="exponential", weight_decay=0.1, micro_batch_size=4)
+    sched = LRSchedule.from_config(section, train_iters=200)
     assert sched.warmup_steps == 20 and sched.decay_steps == 200 and sched.wd_at(5) == 0.1
     assert math.isclose(sched.lr_at(20), 1e-3)
 

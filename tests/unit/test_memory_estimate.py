@@ -5,7 +5,7 @@ import pytest
 
 from megalign.cli import main as cli_main
 from megalign.errors import ConfigError
-from megalign.model.config import parameter_count, preset
+from megalign.config.model import parameter_count, preset
 from megalign.parallel.memory import Layout, estimate_memory
 from megalign.parallel.memory_cli import parse_layout
 

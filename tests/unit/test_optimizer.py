@@ -10,7 +10,7 @@ from torch import nn
 
 from megalign.errors import DataFormatError
 from megalign.model import GPTModel, preset
-from megalign.training.checkpointing import load_checkpoint, save_checkpoint
+from megalign.checkpoint.storage import load_checkpoint, save_checkpoint
 from megalign.training.loss_scale import ConstantLossScaler, DynamicLossScaler
 from megalign.training.lr_schedule import LRSchedule
 from megalign.training.optimizer import MixedPrecisionOptimizer, param_groups_for
@@ -249,15 +249,13 @@ def test_second_optimizer_needs_close_of_the_first() -> None:
     MixedPrecisionOptimizer(param_groups_for(model, 0.0), lr=1e-3)
 
 
-def test_from_args_reads_megatron_flags_and_validates() -> None:
-    from types import SimpleNamespace
-
+def test_from_config_reads_megatron_flags_and_validates() -> None:
+    from megalign.config.sections import OptimizationSection, ParallelSection
     from megalign.errors import ConfigError
     model, _ = _regression()
-    args = SimpleNamespace(lr=3e-4, weight_decay=0.1, adam_beta1=0.9, adam_beta2=0.95, adam_eps=1e-6,
-                           clip_grad=None, log_num_zeros_in_grad=True)
-    opt = MixedPrecisionOptimizer.from_args(model, args)
-    assert opt.clip_grad == 1.0 and opt.count_zeros  # None falls back to Megatron's default
+    section = OptimizationSection(lr=3e-4, weight_decay=0.1, adam_beta1=0.9, adam_beta2=0.95, adam_eps=1e-6)
+    opt = MixedPrecisionOptimizer.from_config(model, section, ParallelSection())
+    assert opt.clip_grad == 1.0 and not opt.count_zeros  # the section's default is Megatron's
     assert [(g["lr"], g["weight_decay"], g["betas"], g["eps"]) for g in opt.param_groups] == [
         (3e-4, 0.1, (0.9, 0.95), 1e-6), (3e-4, 0.0, (0.9, 0.95), 1e-6)]
     opt.close()

@@ -12,10 +12,11 @@ from hypothesis import strategies as st
 
 from megalign.data.tokenizers import build_tokenizer
 from megalign.errors import ConfigError, TokenizerError
-from megalign.inference import PerplexityScorer
-from megalign.inference.scoring import checkpoint_scorer, score_windows
+from megalign.inference.scoring import PerplexityScorer
+from megalign.inference.model_loading import checkpoint_scorer
+from megalign.inference.scoring import score_windows
 from megalign.model import GPTModel, ModelOptions
-from megalign.model.config import preset
+from megalign.config.model import preset
 
 VOCAB = 256
 
@@ -113,7 +114,7 @@ def test_short_documents_and_options(model):
 
 
 def test_checkpoint_scorer(tmp_path, model):
-    from megalign.training.checkpointing import save_checkpoint
+    from megalign.checkpoint.storage import save_checkpoint
 
     save_checkpoint(tmp_path, 0, model.state_dict(), config={"model_config": model.config.to_dict()}, rng=False)
     with pytest.raises(ConfigError, match="--tokenizer-type"):

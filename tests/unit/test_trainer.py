@@ -12,7 +12,7 @@ import torch
 
 from megalign.cli import main as cli_main
 from megalign.config import load_config
-from megalign.training.checkpointing import load_checkpoint
+from megalign.checkpoint.storage import load_checkpoint
 from megalign.training.trainer import Trainer, train
 
 

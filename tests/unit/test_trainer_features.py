@@ -9,14 +9,14 @@ from typing import List
 
 import pytest
 import torch
+from tensorboard.backend.event_processing import event_accumulator
 
 from megalign.cli import main as cli_main
 from megalign.config import load_config
 from megalign.errors import DataFormatError
-from megalign.training.checkpointing import list_checkpoints, load_checkpoint
+from megalign.checkpoint.storage import list_checkpoints, load_checkpoint
 from megalign.training.loss_scale import TooManyNonFiniteSteps
 from megalign.training.trainer import Trainer, train
-from megalign.utils.tensorboard import read_scalars
 
 
 def _argv(prefix: str, model: Path, cache: Path, *extra: str) -> List[str]:
@@ -32,10 +32,9 @@ def test_tensorboard_scalars_and_mfu(data_prefix: str, sentencepiece_model: Path
                                      "--tensorboard-dir", str(tmp_path / "tb"), "--peak-tflops", "0.5")), stream=log)
     files = list((tmp_path / "tb").glob("events.out.tfevents.*"))
     assert len(files) == 1
-    scalars = read_scalars(files[0])
-    by_tag = {}
-    for tag, step, value in scalars:
-        by_tag.setdefault(tag, {})[step] = value
+    acc = event_accumulator.EventAccumulator(str(files[0]), size_guidance={event_accumulator.SCALARS: 0})
+    acc.Reload()  # TensorBoard's own reader
+    by_tag = {tag: {event.step: event.value for event in acc.Scalars(tag)} for tag in acc.Tags()["scalars"]}
     assert by_tag["lm loss"] == pytest.approx({s: result.losses[s] for s in range(1, 5)}, rel=1e-6)
     assert sorted(by_tag["lm loss validation"]) == [2, 4]
     for step in (2, 4):

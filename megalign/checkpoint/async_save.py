@@ -2,10 +2,11 @@
 
 :meth:`AsyncCheckpointSaver.submit` copies every tensor to fresh CPU memory and captures the RNG state
 before returning, so the training step that follows can change parameters freely; the thread then runs
-:func:`~megalign.training.checkpointing.save_checkpoint`, which keeps its atomicity (``latest`` moves only
+:func:`~megalign.checkpoint.storage.save_checkpoint`, which keeps its atomicity (``latest`` moves only
 after the directory is complete). At most one save is in flight: a new submit first waits for the previous
 one. A failed background save is raised from the next :meth:`submit` or :meth:`wait`, never swallowed.
 """
+
 from __future__ import annotations
 
 import threading
@@ -14,7 +15,7 @@ from typing import Any, Callable, Dict, Mapping, Optional
 
 import torch
 
-from megalign.training.checkpointing import capture_rng_state, save_checkpoint
+from megalign.checkpoint.storage import capture_rng_state, save_checkpoint
 
 __all__ = ["AsyncCheckpointSaver", "snapshot"]
 
@@ -32,14 +33,21 @@ class AsyncCheckpointSaver:
         self._thread: Optional[threading.Thread] = None
         self._error: Optional[BaseException] = None
 
-    def submit(self, save_dir: str, step: int, model_state: Mapping[str, torch.Tensor],
-               optimizer_state: Mapping[str, torch.Tensor], **metadata: Any) -> None:
+    def submit(
+        self,
+        save_dir: str,
+        step: int,
+        model_state: Mapping[str, torch.Tensor],
+        optimizer_state: Mapping[str, torch.Tensor],
+        **metadata: Any,
+    ) -> None:
         """Snapshot the state now and write checkpoint ``step`` in the background (after any previous save)."""
         self.wait()
         arguments = dict(metadata, rng=capture_rng_state(), optimizer_state=snapshot(optimizer_state))
         model_state = snapshot(model_state)
-        self._thread = threading.Thread(target=self._run, args=(save_dir, step, model_state, arguments),
-                                        name=f"megalign-save-{step}", daemon=True)
+        self._thread = threading.Thread(
+            target=self._run, args=(save_dir, step, model_state, arguments), name=f"megalign-save-{step}", daemon=True
+        )
         self._thread.start()
 
     def _run(self, save_dir: str, step: int, model_state: Dict[str, torch.Tensor], arguments: Dict[str, Any]) -> None:

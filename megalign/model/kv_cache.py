@@ -20,11 +20,15 @@ decoding steps need none.
 
 Finished rows are dropped with :meth:`KVCache.select` so later steps compute only the live rows.
 """
+
 from __future__ import annotations
 
-from typing import Dict, Optional, Tuple
+from typing import TYPE_CHECKING, Dict, Optional, Tuple
 
 import torch
+
+if TYPE_CHECKING:
+    from megalign.model.decoder import GPTModel
 
 __all__ = ["KVCache", "LayerCache"]
 
@@ -49,10 +53,22 @@ class LayerCache:
 class KVCache:
     """Keys and values of every layer for ``batch_size`` rows of up to ``max_length`` slots (see module doc)."""
 
-    def __init__(self, layers: Tuple[int, ...], batch_size: int, kv_heads: int, max_length: int, head_dim: int,
-                 dtype: torch.dtype = torch.float32, device: Optional[torch.device] = None) -> None:
-        for name, value in (("batch_size", batch_size), ("kv_heads", kv_heads), ("max_length", max_length),
-                            ("head_dim", head_dim)):
+    def __init__(
+        self,
+        layers: Tuple[int, ...],
+        batch_size: int,
+        kv_heads: int,
+        max_length: int,
+        head_dim: int,
+        dtype: torch.dtype = torch.float32,
+        device: Optional[torch.device] = None,
+    ) -> None:
+        for name, value in (
+            ("batch_size", batch_size),
+            ("kv_heads", kv_heads),
+            ("max_length", max_length),
+            ("head_dim", head_dim),
+        ):
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 raise ValueError(f"KVCache: {name}={value!r} must be a positive integer")
         shape = (batch_size, kv_heads, max_length, head_dim)
@@ -64,15 +80,28 @@ class KVCache:
         self._step: Optional[Tuple[int, torch.Tensor]] = None  # (new tokens, mask) while a forward pass runs
 
     @classmethod
-    def for_model(cls, model: torch.nn.Module, batch_size: int, max_length: int, dtype: Optional[torch.dtype] = None,
-                  device: Optional[torch.device] = None) -> "KVCache":
+    def for_model(
+        cls,
+        model: GPTModel,
+        batch_size: int,
+        max_length: int,
+        dtype: Optional[torch.dtype] = None,
+        device: Optional[torch.device] = None,
+    ) -> "KVCache":
         """A cache shaped for ``model`` (a GPTModel or pipeline stage): its layers, local key/value heads and
         head size; ``dtype``/``device`` default to the model's parameters'."""
         parameter = next(model.parameters())
         layers = tuple(int(name) for name in model.layers.keys())
-        attention = model.layers[str(layers[0])].attention
-        return cls(layers, batch_size, attention.num_kv_heads, max_length, attention.head_dim,
-                   dtype or parameter.dtype, device or parameter.device)
+        attention = model.decoder_layer(layers[0]).attention
+        return cls(
+            layers,
+            batch_size,
+            attention.num_kv_heads,
+            max_length,
+            attention.head_dim,
+            dtype or parameter.dtype,
+            device or parameter.device,
+        )
 
     @property
     def batch_size(self) -> int:
@@ -98,15 +127,17 @@ class KVCache:
         if self._step is not None:
             raise RuntimeError("KVCache.begin_step: the previous forward pass did not finish (end_step)")
         if seq <= 0 or start + seq > self.max_length:
-            raise ValueError(f"KVCache: {seq} new tokens after {start} cached exceed max_length={self.max_length}; "
-                             "allocate a longer cache")
+            raise ValueError(
+                f"KVCache: {seq} new tokens after {start} cached exceed max_length={self.max_length}; "
+                "allocate a longer cache"
+            )
         if segment_ids is None:
-            last = self.segment_ids[:, start - 1:start] if start else self.segment_ids[:, :1]
-            self.segment_ids[:, start:start + seq] = last
+            last = self.segment_ids[:, start - 1 : start] if start else self.segment_ids[:, :1]
+            self.segment_ids[:, start : start + seq] = last
         else:
             if tuple(segment_ids.shape) != (batch, seq):
                 raise ValueError(f"KVCache: segment_ids {tuple(segment_ids.shape)} must be [batch={batch}, seq={seq}]")
-            self.segment_ids[:, start:start + seq] = segment_ids
+            self.segment_ids[:, start : start + seq] = segment_ids
         end = start + seq
         query_segments = self.segment_ids[:, start:end].unsqueeze(-1)
         key_segments = self.segment_ids[:, :end].unsqueeze(-2)
@@ -116,8 +147,9 @@ class KVCache:
         mask = torch.zeros(allowed.shape, dtype=self.dtype, device=allowed.device).masked_fill_(~allowed, float("-inf"))
         self._step = (seq, mask)
 
-    def write(self, layer: int, key: torch.Tensor, value: torch.Tensor
-              ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def write(
+        self, layer: int, key: torch.Tensor, value: torch.Tensor
+    ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """:meth:`LayerCache.update` for layer ``layer``."""
         if self._step is None:
             raise RuntimeError("KVCache: a layer wrote keys outside a forward pass (call begin_step first)")

@@ -1,4 +1,4 @@
-"""Save and load resharding-ready checkpoints (format: checkpoint_format.py, docs/training.md).
+"""Save and load resharding-ready checkpoints (format: format.py, docs/training.md).
 
 Saving writes everything into ``SAVE/.iter_NNNNNNN.tmp-<uuid>/``, fsyncs it, renames the directory to
 ``iter_NNNNNNN`` and only then replaces ``latest_checkpointed_iteration.txt`` atomically, so a crash at
@@ -7,6 +7,7 @@ every file before returning a :class:`Checkpoint`, which reads global tensor sli
 safetensors' ``safe_open`` from whichever files hold them. Today's writer is single-process (one part
 per tensor); the reader already assembles tensors split into any number of parts along any axis.
 """
+
 from __future__ import annotations
 
 import json
@@ -24,11 +25,25 @@ import safetensors
 import safetensors.torch
 import torch
 
+from megalign.checkpoint.format import (
+    FORMAT_NAME,
+    FORMAT_VERSION,
+    ITER_DIR_RE,
+    LATEST_FILE,
+    METADATA_FILE,
+    CheckpointMetadata,
+    ShardSpec,
+    TensorSpec,
+    check_file_against_metadata,
+    dtype_name,
+    iter_dir_name,
+    model_file_name,
+    optim_file_name,
+    parse_metadata,
+    plan_slice_read,
+    rng_file_name,
+)
 from megalign.errors import DataFormatError
-from megalign.training.checkpoint_format import (
-    FORMAT_NAME, FORMAT_VERSION, ITER_DIR_RE, LATEST_FILE, METADATA_FILE, CheckpointMetadata, ShardSpec,
-    TensorSpec, check_file_against_metadata, dtype_name, iter_dir_name, model_file_name,
-    optim_file_name, parse_metadata, plan_slice_read, rng_file_name)
 from megalign.utils.atomic import atomic_write, fsync_dir, install_directory
 
 logger = logging.getLogger(__name__)
@@ -59,20 +74,26 @@ def restore_rng_state(tensors: Mapping[str, torch.Tensor], info: Mapping[str, st
     np.random.set_state((key, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
     torch.set_rng_state(tensors["torch_cpu"])
     restored = ["python", "numpy", "torch_cpu"]
-    cuda = [tensors[k] for k in sorted((k for k in tensors if k.startswith("torch_cuda_")),
-                                       key=lambda k: int(k.rsplit("_", 1)[1]))]
+    cuda = [
+        tensors[k]
+        for k in sorted((k for k in tensors if k.startswith("torch_cuda_")), key=lambda k: int(k.rsplit("_", 1)[1]))
+    ]
     if cuda and torch.cuda.is_available() and torch.cuda.device_count() == len(cuda):
         torch.cuda.set_rng_state_all(cuda)
         restored.append("torch_cuda")
     elif cuda:
-        logger.warning("checkpoint holds %d CUDA RNG states but %d CUDA devices are visible; CUDA RNG not "
-                       "restored", len(cuda), torch.cuda.device_count() if torch.cuda.is_available() else 0)
+        logger.warning(
+            "checkpoint holds %d CUDA RNG states but %d CUDA devices are visible; CUDA RNG not restored",
+            len(cuda),
+            torch.cuda.device_count() if torch.cuda.is_available() else 0,
+        )
     return restored
 
 
 # --------------------------------------------------------------------------------------------- saving
-def write_safetensors(path: Path, tensors: Mapping[str, torch.Tensor],
-                       metadata: dict[str, str] | None = None) -> dict[str, Any]:
+def write_safetensors(
+    path: Path, tensors: Mapping[str, torch.Tensor], metadata: dict[str, str] | None = None
+) -> dict[str, Any]:
     """Write one safetensors file, fsync it and return its files-table entry (size)."""
     prepared: dict[str, torch.Tensor] = {}
     storages: set[int] = set()
@@ -97,8 +118,9 @@ def _unsplit_specs(states: Mapping[str, torch.Tensor], group: str, fname: str) -
             raise ValueError(f"{group} state has an invalid tensor name {name!r}")
         if not isinstance(tensor, torch.Tensor):
             raise TypeError(f"{group} state {name!r} is a {type(tensor).__name__}, expected a torch.Tensor")
-        specs[name] = TensorSpec(name, group, tuple(tensor.shape), dtype_name(tensor.dtype), None, 1,
-                                 [ShardSpec(fname, 0, 0, 0)])
+        specs[name] = TensorSpec(
+            name, group, tuple(tensor.shape), dtype_name(tensor.dtype), None, 1, [ShardSpec(fname, 0, 0, 0)]
+        )
     return specs
 
 
@@ -126,12 +148,18 @@ def json_or_raise(value: Any, what: str) -> Any:
         raise ValueError(f"checkpoint {what} must be JSON-serialisable (finite numbers, str keys): {exc}") from None
 
 
-def save_checkpoint(save_dir: PathLike, step: int, model_state: Mapping[str, torch.Tensor],
-                    optimizer_state: Mapping[str, torch.Tensor] | None = None, *,
-                    config: Mapping[str, Any] | None = None, consumed_samples: int = 0,
-                    extra: Mapping[str, Any] | None = None,
-                    rng: bool | tuple[dict[str, torch.Tensor], dict[str, str]] = True,
-                    keep_last: int | None = None) -> Path:
+def save_checkpoint(
+    save_dir: PathLike,
+    step: int,
+    model_state: Mapping[str, torch.Tensor],
+    optimizer_state: Mapping[str, torch.Tensor] | None = None,
+    *,
+    config: Mapping[str, Any] | None = None,
+    consumed_samples: int = 0,
+    extra: Mapping[str, Any] | None = None,
+    rng: bool | tuple[dict[str, torch.Tensor], dict[str, str]] = True,
+    keep_last: int | None = None,
+) -> Path:
     """Write checkpoint `step` under `save_dir` atomically and point `latest` at it; returns its path.
 
     `model_state` and `optimizer_state` map global tensor names (e.g. ``decoder.layers.3.mlp.fc1.weight``,
@@ -154,11 +182,16 @@ def save_checkpoint(save_dir: PathLike, step: int, model_state: Mapping[str, tor
     if clash:
         raise ValueError(f"model and optimizer state share tensor names {clash[:3]}; prefix optimizer names")
     specs.update(optim_specs)
-    header = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, "step": step,
-              "consumed_samples": int(consumed_samples), "saved_at": time.time(),
-              "config": json_or_raise(dict(config or {}), "config"),
-              "extra": json_or_raise(dict(extra or {}), "extra"),
-              "parallel": {"tensor": 1, "pipeline": 1, "data": 1}}
+    header = {
+        "format": FORMAT_NAME,
+        "format_version": FORMAT_VERSION,
+        "step": step,
+        "consumed_samples": int(consumed_samples),
+        "saved_at": time.time(),
+        "config": json_or_raise(dict(config or {}), "config"),
+        "extra": json_or_raise(dict(extra or {}), "extra"),
+        "parallel": {"tensor": 1, "pipeline": 1, "data": 1},
+    }
 
     root = Path(save_dir)
     root.mkdir(parents=True, exist_ok=True)
@@ -166,14 +199,28 @@ def save_checkpoint(save_dir: PathLike, step: int, model_state: Mapping[str, tor
     tmp = root / f".{iter_dir_name(step)}.tmp-{uuid.uuid4().hex}"
     tmp.mkdir()
     try:
-        files = {model_file: {"kind": "model", "tensor": 0, "pipeline": 0,
-                              **write_safetensors(tmp / model_file, model_state)},
-                 optim_file: {"kind": "optimizer", "tensor": 0, "pipeline": 0, "data": 0,
-                              **write_safetensors(tmp / optim_file, optimizer_state)}}
+        files = {
+            model_file: {
+                "kind": "model",
+                "tensor": 0,
+                "pipeline": 0,
+                **write_safetensors(tmp / model_file, model_state),
+            },
+            optim_file: {
+                "kind": "optimizer",
+                "tensor": 0,
+                "pipeline": 0,
+                "data": 0,
+                **write_safetensors(tmp / optim_file, optimizer_state),
+            },
+        }
         if rng is not False:
             rng_tensors, rng_info = capture_rng_state() if rng is True else rng
-            files[rng_file_name(0)] = {"kind": "rng", "rank": 0,
-                                       **write_safetensors(tmp / rng_file_name(0), rng_tensors, rng_info)}
+            files[rng_file_name(0)] = {
+                "kind": "rng",
+                "rank": 0,
+                **write_safetensors(tmp / rng_file_name(0), rng_tensors, rng_info),
+            }
         write_metadata(tmp, {**header, "files": files, "tensors": {name: s.to_json() for name, s in specs.items()}})
         final = root / iter_dir_name(step)
         install_directory(tmp, final)
@@ -183,7 +230,9 @@ def save_checkpoint(save_dir: PathLike, step: int, model_state: Mapping[str, tor
     with atomic_write(root / LATEST_FILE) as handle:
         handle.write(f"{step}\n")
     if keep_last is not None:
-        prune_checkpoints(root, keep_last, protect={step} | ({previous_latest} if previous_latest is not None else set()))
+        prune_checkpoints(
+            root, keep_last, protect={step} | ({previous_latest} if previous_latest is not None else set())
+        )
     logger.info("saved checkpoint %s (%d tensors)", final, len(specs))
     return final
 
@@ -257,8 +306,7 @@ class Checkpoint:
             self._handles[fname] = open_safetensors(self.path / fname)
         return self._handles[fname]
 
-    def read_tensor(self, name: str, axis: int | None = None, start: int = 0, stop: int | None = None
-                    ) -> torch.Tensor:
+    def read_tensor(self, name: str, axis: int | None = None, start: int = 0, stop: int | None = None) -> torch.Tensor:
         """Global tensor `name`, or its slice ``[start, stop)`` along `axis`, assembled from its shards."""
         spec = self.metadata.tensors.get(name)
         if spec is None:
@@ -269,8 +317,9 @@ class Checkpoint:
                 raise ValueError(f"axis {axis} is out of range for {name!r} with shape {list(spec.shape)}")
             stop = spec.shape[axis] if stop is None else stop
             if not 0 <= start <= stop <= spec.shape[axis]:
-                raise ValueError(f"slice [{start}, {stop}) is out of range for axis {axis} of {name!r} "
-                                 f"with shape {list(spec.shape)}")
+                raise ValueError(
+                    f"slice [{start}, {stop}) is out of range for axis {axis} of {name!r} with shape {list(spec.shape)}"
+                )
             out_shape[axis] = stop - start
         result = torch.empty(out_shape, dtype=getattr(torch, spec.dtype))
         for piece in plan_slice_read(spec, axis, start, stop or 0):
@@ -294,8 +343,9 @@ class Checkpoint:
         """Restore the RNG states saved by `rank`; returns the generators restored."""
         fname = rng_file_name(rank)
         if fname not in self.metadata.files:
-            raise DataFormatError(f"{self.path / METADATA_FILE}: no RNG state for rank {rank} "
-                                  "(saved with rng=False or by fewer ranks)")
+            raise DataFormatError(
+                f"{self.path / METADATA_FILE}: no RNG state for rank {rank} (saved with rng=False or by fewer ranks)"
+            )
         handle = self._open(fname)
         try:
             tensors = {key: handle.get_tensor(key) for key in handle.keys()}

@@ -5,8 +5,9 @@ Every tensor has a *global* name (global layer numbers), a global shape and dtyp
 ``{"axis": int | None, "parts": int}``. Each part lives in one or more files (replicas) as a tensor
 stored under the global name; its ``[start, stop)`` range along the split axis is recorded in the
 metadata, so a loader at any parallel layout can assemble whatever global slice it needs.
-This module is pure format logic (no writing, no torch.distributed); checkpointing.py does the I/O.
+This module is pure format logic (no writing, no torch.distributed); storage.py does the I/O.
 """
+
 from __future__ import annotations
 
 import json
@@ -31,9 +32,16 @@ MAX_HEADER_BYTES = 100 * 1024 * 1024
 
 # torch dtype name -> (safetensors dtype code, bytes per element)
 DTYPES: dict[str, tuple[str, int]] = {
-    "float64": ("F64", 8), "float32": ("F32", 4), "float16": ("F16", 2), "bfloat16": ("BF16", 2),
-    "int64": ("I64", 8), "int32": ("I32", 4), "int16": ("I16", 2), "int8": ("I8", 1),
-    "uint8": ("U8", 1), "bool": ("BOOL", 1),
+    "float64": ("F64", 8),
+    "float32": ("F32", 4),
+    "float16": ("F16", 2),
+    "bfloat16": ("BF16", 2),
+    "int64": ("I64", 8),
+    "int32": ("I32", 4),
+    "int16": ("I16", 2),
+    "int8": ("I8", 1),
+    "uint8": ("U8", 1),
+    "bool": ("BOOL", 1),
 }
 
 
@@ -98,10 +106,14 @@ class TensorSpec:
     def to_json(self) -> dict[str, Any]:
         """JSON form used in metadata.json (the name is the key)."""
         return {
-            "group": self.group, "shape": list(self.shape), "dtype": self.dtype,
+            "group": self.group,
+            "shape": list(self.shape),
+            "dtype": self.dtype,
             "split": {"axis": self.axis, "parts": self.parts},
-            "shards": [{"file": s.file, "part": s.part,
-                        "range": None if self.axis is None else [s.start, s.stop]} for s in self.shards],
+            "shards": [
+                {"file": s.file, "part": s.part, "range": None if self.axis is None else [s.start, s.stop]}
+                for s in self.shards
+            ],
         }
 
 
@@ -115,8 +127,7 @@ def _field(obj: dict, key: str, kind: type | tuple[type, ...], where: str, path:
 
 
 def _int_list(value: Any, where: str, path: Path) -> list[int]:
-    if not isinstance(value, list) or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0
-                                              for v in value):
+    if not isinstance(value, list) or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in value):
         raise DataFormatError(f"{path}: {where} must be a list of non-negative integers, got {value!r}")
     return value
 
@@ -152,8 +163,9 @@ def parse_tensor_spec(name: str, obj: Any, path: Path) -> TensorSpec:
             if len(bounds) != 2:
                 raise DataFormatError(f"{path}: {swhere}.range must be [start, stop], got {bounds!r}")
             start, stop = bounds
-        spec.shards.append(ShardSpec(_field(entry, "file", str, swhere, path),
-                                     _field(entry, "part", int, swhere, path), start, stop))
+        spec.shards.append(
+            ShardSpec(_field(entry, "file", str, swhere, path), _field(entry, "part", int, swhere, path), start, stop)
+        )
     _check_coverage(spec, path)
     return spec
 
@@ -208,8 +220,10 @@ def parse_metadata(path: Path) -> CheckpointMetadata:
         raise DataFormatError(f"{path}: not a megalign checkpoint (format field is not {FORMAT_NAME!r})")
     version = raw.get("format_version")
     if version != FORMAT_VERSION:
-        raise DataFormatError(f"{path}: checkpoint format version {version!r} is not supported "
-                              f"(this megalign reads version {FORMAT_VERSION})")
+        raise DataFormatError(
+            f"{path}: checkpoint format version {version!r} is not supported "
+            f"(this megalign reads version {FORMAT_VERSION})"
+        )
     parallel = _field(raw, "parallel", dict, "metadata", path)
     for key in ("tensor", "pipeline", "data"):
         if _field(parallel, key, int, "parallel", path) < 1:
@@ -220,19 +234,25 @@ def parse_metadata(path: Path) -> CheckpointMetadata:
             raise DataFormatError(f"{path}: files lists an invalid file name {fname!r}")
         _field(info, "size", int, f"files[{fname!r}]", path)
         _field(info, "kind", str, f"files[{fname!r}]", path)
-    tensors = {name: parse_tensor_spec(name, obj, path)
-               for name, obj in _field(raw, "tensors", dict, "metadata", path).items()}
+    tensors = {
+        name: parse_tensor_spec(name, obj, path) for name, obj in _field(raw, "tensors", dict, "metadata", path).items()
+    }
     for spec in tensors.values():
         for shard in spec.shards:
             if shard.file not in files:
-                raise DataFormatError(f"{path}: tensor {spec.name!r} is stored in {shard.file!r}, "
-                                      "which is not listed under 'files'")
+                raise DataFormatError(
+                    f"{path}: tensor {spec.name!r} is stored in {shard.file!r}, which is not listed under 'files'"
+                )
     return CheckpointMetadata(
         step=_field(raw, "step", int, "metadata", path),
         consumed_samples=_field(raw, "consumed_samples", int, "metadata", path),
         config=_field(raw, "config", dict, "metadata", path),
         extra=_field(raw, "extra", dict, "metadata", path),
-        parallel=dict(parallel), files=files, tensors=tensors, raw=raw)
+        parallel=dict(parallel),
+        files=files,
+        tensors=tensors,
+        raw=raw,
+    )
 
 
 def read_safetensors_header(path: Path) -> dict[str, Any]:
@@ -248,8 +268,10 @@ def read_safetensors_header(path: Path) -> dict[str, Any]:
                 raise DataFormatError(f"{path}: truncated safetensors file ({size} bytes, no header)")
             (header_len,) = struct.unpack("<Q", prefix)
             if header_len > min(MAX_HEADER_BYTES, size - 8):
-                raise DataFormatError(f"{path}: safetensors header length {header_len} exceeds the file "
-                                      f"size {size} (truncated or corrupt file)")
+                raise DataFormatError(
+                    f"{path}: safetensors header length {header_len} exceeds the file "
+                    f"size {size} (truncated or corrupt file)"
+                )
             header = json.loads(handle.read(header_len).decode("utf-8"))
     except FileNotFoundError:
         raise DataFormatError(f"{path}: checkpoint file is missing") from None
@@ -268,8 +290,10 @@ def read_safetensors_header(path: Path) -> dict[str, Any]:
         except (KeyError, TypeError, ValueError):
             raise DataFormatError(f"{path}: safetensors entry {name!r} is malformed: {info!r}") from None
         if end > data_size or end - begin != nbytes:
-            raise DataFormatError(f"{path}: tensor {name!r} needs bytes {begin}..{end} of {data_size} "
-                                  "data bytes (truncated or corrupt file)")
+            raise DataFormatError(
+                f"{path}: tensor {name!r} needs bytes {begin}..{end} of {data_size} "
+                "data bytes (truncated or corrupt file)"
+            )
     return header
 
 
@@ -281,8 +305,9 @@ def check_file_against_metadata(directory: Path, fname: str, meta: CheckpointMet
     expected = meta.files[fname]["size"]
     actual = path.stat().st_size
     if actual != expected:
-        raise DataFormatError(f"{path}: file is {actual} bytes, {METADATA_FILE} records {expected} "
-                              "(truncated or modified)")
+        raise DataFormatError(
+            f"{path}: file is {actual} bytes, {METADATA_FILE} records {expected} (truncated or modified)"
+        )
     header = read_safetensors_header(path)
     for spec in meta.tensors.values():
         for shard in spec.shards:
@@ -292,12 +317,15 @@ def check_file_against_metadata(directory: Path, fname: str, meta: CheckpointMet
             if info is None:
                 raise DataFormatError(f"{path}: tensor {spec.name!r} listed in {METADATA_FILE} is missing")
             if info["dtype"] != DTYPES[spec.dtype][0]:
-                raise DataFormatError(f"{path}: tensor {spec.name!r} has dtype {info['dtype']}, "
-                                      f"{METADATA_FILE} says {spec.dtype}")
+                raise DataFormatError(
+                    f"{path}: tensor {spec.name!r} has dtype {info['dtype']}, {METADATA_FILE} says {spec.dtype}"
+                )
             if tuple(info["shape"]) != spec.shard_shape(shard):
-                raise DataFormatError(f"{path}: tensor {spec.name!r} has shape {info['shape']}, "
-                                      f"{METADATA_FILE} expects {list(spec.shard_shape(shard))} "
-                                      f"(global shape {list(spec.shape)}, part {shard.part})")
+                raise DataFormatError(
+                    f"{path}: tensor {spec.name!r} has shape {info['shape']}, "
+                    f"{METADATA_FILE} expects {list(spec.shard_shape(shard))} "
+                    f"(global shape {list(spec.shape)}, part {shard.part})"
+                )
 
 
 @dataclass(frozen=True)

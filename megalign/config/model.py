@@ -4,22 +4,64 @@ mapping to Hugging Face ``config.json`` (LlamaForCausalLM / Qwen2ForCausalLM).
 The two families share one architecture (pre-RMSNorm decoder, grouped-query attention with rotary
 embeddings, SwiGLU MLP, no biases); Qwen2 adds biases to the q/k/v projections (``qkv_bias``).
 """
+
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, fields
+from dataclasses import asdict, dataclass, fields
 from typing import Any, Dict, Mapping, Optional
 
 from megalign.errors import ConfigError
-from megalign.model.attention_backends import ATTENTION_BACKENDS
-from megalign.ops.rotary import RopeScaling
 
-__all__ = ["ARCHITECTURES", "PRESETS", "ModelConfig", "ModelOptions", "flops_per_token", "from_hf_config", "parameter_count",
-           "preset", "to_hf_config"]
+__all__ = [
+    "ARCHITECTURES",
+    "ATTENTION_BACKENDS",
+    "PRESETS",
+    "ModelConfig",
+    "RopeScaling",
+    "ModelOptions",
+    "flops_per_token",
+    "from_hf_config",
+    "parameter_count",
+    "preset",
+    "to_hf_config",
+]
 
 LLAMA = "LlamaForCausalLM"
 QWEN2 = "Qwen2ForCausalLM"
 ARCHITECTURES = {LLAMA: "llama", QWEN2: "qwen2"}
+# --attention-backend: auto picks flash-attn, else Transformer Engine, else torch SDPA (model/attention_backends.py).
+ATTENTION_BACKENDS = ("auto", "flash", "te", "sdpa")
+
+
+@dataclass(frozen=True)
+class RopeScaling:
+    """Llama-3.1 ("llama3" rope_type) frequency scaling; Llama-3.1 uses (8, 1, 4, 8192)."""
+
+    factor: float = 8.0
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_position_embeddings: int = 8192
+
+    def __post_init__(self) -> None:
+        for name in ("factor", "low_freq_factor", "high_freq_factor"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+                raise ConfigError(f"rope_scaling.{name}={value!r} must be a positive number")
+        if self.factor < 1:
+            raise ConfigError(f"rope_scaling.factor={self.factor} must be >= 1 (it stretches the context)")
+        if not self.high_freq_factor > self.low_freq_factor:
+            raise ConfigError(
+                f"rope_scaling.high_freq_factor={self.high_freq_factor} must be greater than "
+                f"rope_scaling.low_freq_factor={self.low_freq_factor}"
+            )
+        orig = self.original_max_position_embeddings
+        if isinstance(orig, bool) or not isinstance(orig, int) or orig <= 0:
+            raise ConfigError(f"rope_scaling.original_max_position_embeddings={orig!r} must be a positive integer")
+
+    def to_dict(self) -> Dict[str, Any]:
+        """Plain dict of the four parameters (JSON-ready)."""
+        return asdict(self)
 
 
 @dataclass(frozen=True)
@@ -41,8 +83,15 @@ class ModelConfig:
     init_std: float = 0.02
 
     def __post_init__(self) -> None:
-        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_attention_heads",
-                     "num_key_value_heads", "max_position_embeddings"):
+        for name in (
+            "vocab_size",
+            "hidden_size",
+            "intermediate_size",
+            "num_layers",
+            "num_attention_heads",
+            "num_key_value_heads",
+            "max_position_embeddings",
+        ):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 raise ConfigError(f"model config: {name}={value!r} must be a positive integer")
@@ -56,14 +105,20 @@ class ModelConfig:
         if self.rope_scaling is not None and not isinstance(self.rope_scaling, RopeScaling):
             raise ConfigError(f"model config: rope_scaling={self.rope_scaling!r} must be a RopeScaling or None")
         if self.hidden_size % self.num_attention_heads:
-            raise ConfigError(f"model config: num_attention_heads={self.num_attention_heads} must divide "
-                              f"hidden_size={self.hidden_size}")
+            raise ConfigError(
+                f"model config: num_attention_heads={self.num_attention_heads} must divide "
+                f"hidden_size={self.hidden_size}"
+            )
         if self.num_attention_heads % self.num_key_value_heads:
-            raise ConfigError(f"model config: num_key_value_heads={self.num_key_value_heads} must divide "
-                              f"num_attention_heads={self.num_attention_heads}")
+            raise ConfigError(
+                f"model config: num_key_value_heads={self.num_key_value_heads} must divide "
+                f"num_attention_heads={self.num_attention_heads}"
+            )
         if self.head_dim % 2:
-            raise ConfigError(f"model config: hidden_size / num_attention_heads = {self.head_dim} must be even "
-                              f"(rotary embeddings rotate pairs); change hidden_size or num_attention_heads")
+            raise ConfigError(
+                f"model config: hidden_size / num_attention_heads = {self.head_dim} must be even "
+                f"(rotary embeddings rotate pairs); change hidden_size or num_attention_heads"
+            )
 
     @property
     def head_dim(self) -> int:
@@ -114,21 +169,28 @@ class ModelOptions:
 
     def __post_init__(self) -> None:
         if self.attention_backend not in ATTENTION_BACKENDS:
-            raise ConfigError(f"model options: attention_backend={self.attention_backend!r} must be one of "
-                              f"{', '.join(ATTENTION_BACKENDS)}")
+            raise ConfigError(
+                f"model options: attention_backend={self.attention_backend!r} must be one of "
+                f"{', '.join(ATTENTION_BACKENDS)}"
+            )
         if self.recompute_granularity not in (None, "full", "selective"):
-            raise ConfigError(f"model options: recompute_granularity={self.recompute_granularity!r} must be "
-                              "full, selective or None")
+            raise ConfigError(
+                f"model options: recompute_granularity={self.recompute_granularity!r} must be full, selective or None"
+            )
         if self.recompute_granularity == "full":
             if self.recompute_method not in ("uniform", "block"):
-                raise ConfigError(f"model options: recompute_method={self.recompute_method!r} must be uniform or "
-                                  "block with full recomputation")
+                raise ConfigError(
+                    f"model options: recompute_method={self.recompute_method!r} must be uniform or "
+                    "block with full recomputation"
+                )
             n = self.recompute_num_layers
             if isinstance(n, bool) or not isinstance(n, int) or n < 1:
                 raise ConfigError(f"model options: recompute_num_layers={n!r} must be a positive integer")
         elif self.recompute_method is not None or self.recompute_num_layers is not None:
-            raise ConfigError("model options: recompute_method and recompute_num_layers are only used with "
-                              "recompute_granularity='full'")
+            raise ConfigError(
+                "model options: recompute_method and recompute_num_layers are only used with "
+                "recompute_granularity='full'"
+            )
 
 
 def _rope_scaling_from_dict(data: Any, where: str) -> RopeScaling:
@@ -146,32 +208,89 @@ def _rope_scaling_from_dict(data: Any, where: str) -> RopeScaling:
 
 PRESETS: Dict[str, ModelConfig] = {
     # Unit tests: ~107k parameters, runs in milliseconds.
-    "tiny": ModelConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_layers=2,
-                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256),
+    "tiny": ModelConfig(
+        vocab_size=256,
+        hidden_size=64,
+        intermediate_size=128,
+        num_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+    ),
     # CPU demo: ~7M parameters, GQA like the real models.
-    "small": ModelConfig(vocab_size=8192, hidden_size=256, intermediate_size=768, num_layers=4,
-                         num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=1024),
+    "small": ModelConfig(
+        vocab_size=8192,
+        hidden_size=256,
+        intermediate_size=768,
+        num_layers=4,
+        num_attention_heads=8,
+        num_key_value_heads=4,
+        max_position_embeddings=1024,
+    ),
     # meta-llama/Meta-Llama-3-8B (the AceGPT-v2 / LLaMA3-Tamed base).
-    "llama3-8b": ModelConfig(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_layers=32,
-                             num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=8192,
-                             rope_theta=500000.0, rms_norm_eps=1e-5),
+    "llama3-8b": ModelConfig(
+        vocab_size=128256,
+        hidden_size=4096,
+        intermediate_size=14336,
+        num_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        max_position_embeddings=8192,
+        rope_theta=500000.0,
+        rms_norm_eps=1e-5,
+    ),
     # meta-llama/Meta-Llama-3-70B.
-    "llama3-70b": ModelConfig(vocab_size=128256, hidden_size=8192, intermediate_size=28672, num_layers=80,
-                              num_attention_heads=64, num_key_value_heads=8, max_position_embeddings=8192,
-                              rope_theta=500000.0, rms_norm_eps=1e-5),
+    "llama3-70b": ModelConfig(
+        vocab_size=128256,
+        hidden_size=8192,
+        intermediate_size=28672,
+        num_layers=80,
+        num_attention_heads=64,
+        num_key_value_heads=8,
+        max_position_embeddings=8192,
+        rope_theta=500000.0,
+        rms_norm_eps=1e-5,
+    ),
     # meta-llama/Llama-3.1-8B: same weights' shape as llama3-8b, 128k context through rope scaling.
-    "llama3.1-8b": ModelConfig(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_layers=32,
-                               num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=131072,
-                               rope_theta=500000.0, rope_scaling=RopeScaling(8.0, 1.0, 4.0, 8192),
-                               rms_norm_eps=1e-5),
+    "llama3.1-8b": ModelConfig(
+        vocab_size=128256,
+        hidden_size=4096,
+        intermediate_size=14336,
+        num_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        max_position_embeddings=131072,
+        rope_theta=500000.0,
+        rope_scaling=RopeScaling(8.0, 1.0, 4.0, 8192),
+        rms_norm_eps=1e-5,
+    ),
     # Qwen/Qwen2-1.5B (tied embeddings).
-    "qwen2-1.5b": ModelConfig(vocab_size=151936, hidden_size=1536, intermediate_size=8960, num_layers=28,
-                              num_attention_heads=12, num_key_value_heads=2, max_position_embeddings=131072,
-                              rope_theta=1000000.0, rms_norm_eps=1e-6, qkv_bias=True, tie_word_embeddings=True),
+    "qwen2-1.5b": ModelConfig(
+        vocab_size=151936,
+        hidden_size=1536,
+        intermediate_size=8960,
+        num_layers=28,
+        num_attention_heads=12,
+        num_key_value_heads=2,
+        max_position_embeddings=131072,
+        rope_theta=1000000.0,
+        rms_norm_eps=1e-6,
+        qkv_bias=True,
+        tie_word_embeddings=True,
+    ),
     # Qwen/Qwen2-7B.
-    "qwen2-7b": ModelConfig(vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_layers=28,
-                            num_attention_heads=28, num_key_value_heads=4, max_position_embeddings=131072,
-                            rope_theta=1000000.0, rms_norm_eps=1e-6, qkv_bias=True),
+    "qwen2-7b": ModelConfig(
+        vocab_size=152064,
+        hidden_size=3584,
+        intermediate_size=18944,
+        num_layers=28,
+        num_attention_heads=28,
+        num_key_value_heads=4,
+        max_position_embeddings=131072,
+        rope_theta=1000000.0,
+        rms_norm_eps=1e-6,
+        qkv_bias=True,
+    ),
 }
 
 
@@ -226,8 +345,9 @@ def to_hf_config(config: ModelConfig, architecture: Optional[str] = None) -> Dic
     if architecture == LLAMA and config.qkv_bias:
         raise ConfigError("qkv_bias=True cannot be saved as LlamaForCausalLM; use Qwen2ForCausalLM")
     if architecture == QWEN2 and not config.qkv_bias:
-        raise ConfigError("qkv_bias=False cannot be saved as Qwen2ForCausalLM (it always has q/k/v biases); "
-                          "use LlamaForCausalLM")
+        raise ConfigError(
+            "qkv_bias=False cannot be saved as Qwen2ForCausalLM (it always has q/k/v biases); use LlamaForCausalLM"
+        )
     out: Dict[str, Any] = {
         "architectures": [architecture],
         "model_type": ARCHITECTURES[architecture],
@@ -239,8 +359,9 @@ def to_hf_config(config: ModelConfig, architecture: Optional[str] = None) -> Dic
         "num_key_value_heads": config.num_key_value_heads,
         "max_position_embeddings": config.max_position_embeddings,
         "rope_theta": float(config.rope_theta),
-        "rope_scaling": (None if config.rope_scaling is None
-                         else {"rope_type": "llama3", **config.rope_scaling.to_dict()}),
+        "rope_scaling": (
+            None if config.rope_scaling is None else {"rope_type": "llama3", **config.rope_scaling.to_dict()}
+        ),
         "rms_norm_eps": config.rms_norm_eps,
         "tie_word_embeddings": config.tie_word_embeddings,
         "initializer_range": config.init_std,
@@ -279,10 +400,15 @@ def from_hf_config(hf: Mapping[str, Any]) -> ModelConfig:
         archs = hf.get("architectures") or []
         model_type = next((ARCHITECTURES[a] for a in archs if a in ARCHITECTURES), None)
     if model_type not in ARCHITECTURES.values():
-        raise ConfigError(f"HF config: model_type={model_type!r} is not supported; "
-                          f"use a llama or qwen2 config ({', '.join(ARCHITECTURES)})")
-    missing = [k for k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
-                           "num_attention_heads") if k not in hf]
+        raise ConfigError(
+            f"HF config: model_type={model_type!r} is not supported; "
+            f"use a llama or qwen2 config ({', '.join(ARCHITECTURES)})"
+        )
+    missing = [
+        k
+        for k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
+        if k not in hf
+    ]
     if missing:
         raise ConfigError(f"HF config: missing key(s) {', '.join(missing)}")
     if hf.get("hidden_act", "silu") != "silu":
@@ -296,10 +422,12 @@ def from_hf_config(hf: Mapping[str, Any]) -> ModelConfig:
     heads = hf["num_attention_heads"]
     head_dim = hf.get("head_dim")
     if head_dim is not None and isinstance(heads, int) and heads > 0 and head_dim * heads != hf["hidden_size"]:
-        raise ConfigError(f"HF config: head_dim={head_dim} must equal hidden_size / num_attention_heads "
-                          f"({hf['hidden_size']} / {heads})")
+        raise ConfigError(
+            f"HF config: head_dim={head_dim} must equal hidden_size / num_attention_heads "
+            f"({hf['hidden_size']} / {heads})"
+        )
     theta, scaling = _hf_rope(hf)
-    defaults = {"llama": (2048, 1e-6), "qwen2": (32768, 1e-6)}[model_type]
+    defaults = {"llama": (2048, 1e-6), "qwen2": (32768, 1e-6)}[str(model_type)]
     return ModelConfig(
         vocab_size=hf["vocab_size"],
         hidden_size=hf["hidden_size"],

@@ -1,10 +1,12 @@
 """Reading a Hugging Face model folder lazily: ``config.json`` and the weights, one tensor (or slice) at a time.
 
-Weights may be one ``model.safetensors``, sharded ``*.safetensors`` with ``model.safetensors.index.json``,
-or the older ``pytorch_model.bin`` / ``pytorch_model-*.bin`` (+ ``pytorch_model.bin.index.json``). Safetensors
-files are read with ``safe_open`` (memory-mapped; a slice reads only its bytes); ``.bin`` files with
+Weights may be one ``model.safetensors``, sharded ``*.safetensors`` with ``model.safetensors.index.json``
+(or without it: every ``*.safetensors`` file in the folder, each tensor in exactly one), or the older
+``pytorch_model.bin`` / ``pytorch_model-*.bin`` (+ ``pytorch_model.bin.index.json``). Safetensors files
+are read with ``safe_open`` (memory-mapped; a slice reads only its bytes); ``.bin`` files with
 ``torch.load(weights_only=True, mmap=True)`` (no pickle code runs, nothing is read until used).
 """
+
 from __future__ import annotations
 
 import json
@@ -14,14 +16,22 @@ from typing import Any, Dict, List, Optional, Tuple, Union
 
 import torch
 
+from megalign.checkpoint.storage import open_safetensors
 from megalign.errors import ConfigError, DataFormatError
-from megalign.training.checkpointing import open_safetensors
 from megalign.utils.safetensors_stream import SAFETENSORS_CODES
 
-__all__ = ["GENERATION_CONFIG", "HFModelFolder", "TOKENIZER_FILES", "copy_tokenizer_files", "read_json"]
+__all__ = ["GENERATION_CONFIG", "TOKENIZER_FILES", "HFModelFolder", "copy_tokenizer_files", "read_json"]
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
-                   "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja")
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "tokenizer.model",
+    "vocab.json",
+    "merges.txt",
+    "added_tokens.json",
+    "chat_template.jinja",
+)
 GENERATION_CONFIG = "generation_config.json"
 PathLike = Union[str, Path]
 _DTYPE_OF_CODE = {code: dtype for dtype, code in SAFETENSORS_CODES.items()}
@@ -74,14 +84,33 @@ class HFModelFolder:
                     raise DataFormatError(f"{index_path}: 'weight_map' is missing or empty")
                 for fname in set(weight_map.values()):
                     if not isinstance(fname, str) or "/" in fname or not (self.path / fname).is_file():
-                        raise DataFormatError(f"{index_path}: lists weights file {fname!r}, which is missing "
-                                              f"from {self.path}")
+                        raise DataFormatError(
+                            f"{index_path}: lists weights file {fname!r}, which is missing from {self.path}"
+                        )
                 return dict(weight_map)
         for single in ("model.safetensors", "pytorch_model.bin"):
             if (self.path / single).is_file():
                 return {name: single for name in self._names_in(single)}
-        raise DataFormatError(f"{self.path}: no weights found (expected model.safetensors, sharded *.safetensors "
-                              "with model.safetensors.index.json, or pytorch_model*.bin)")
+        shards = sorted(p.name for p in self.path.glob("*.safetensors") if p.is_file())
+        if shards:
+            return self._unindexed_shards(shards)
+        raise DataFormatError(
+            f"{self.path}: no weights found (expected model.safetensors, sharded *.safetensors "
+            "with model.safetensors.index.json, or pytorch_model*.bin)"
+        )
+
+    def _unindexed_shards(self, shards: List[str]) -> Dict[str, str]:
+        """HF tensor name -> file over sharded safetensors files without an index; a name in two files is an error."""
+        file_of: Dict[str, str] = {}
+        for fname in shards:
+            for name in self._names_in(fname):
+                if name in file_of:
+                    raise DataFormatError(
+                        f"{self.path}: tensor {name!r} is in both {file_of[name]} and {fname} "
+                        "(and no model.safetensors.index.json says which to use)"
+                    )
+                file_of[name] = fname
+        return file_of
 
     def _names_in(self, fname: str) -> List[str]:
         if fname.endswith(".safetensors"):
@@ -98,8 +127,9 @@ class HFModelFolder:
             try:
                 state = torch.load(self.path / fname, map_location="cpu", weights_only=True, mmap=True)
             except Exception as exc:  # unpickling errors of many types
-                raise DataFormatError(f"{self.path / fname}: cannot load PyTorch weights (weights_only=True): "
-                                      f"{exc}") from None
+                raise DataFormatError(
+                    f"{self.path / fname}: cannot load PyTorch weights (weights_only=True): {exc}"
+                ) from None
             if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
                 raise DataFormatError(f"{self.path / fname}: expected a dict of tensors")
             self._bin[fname] = state
@@ -122,8 +152,9 @@ class HFModelFolder:
                 return tuple(self._open_safe(fname).get_slice(name).get_shape())
             return tuple(self._open_bin(fname)[name].shape)
         except Exception as exc:
-            raise DataFormatError(f"{self.path / fname}: tensor {name!r} listed in the index is missing: "
-                                  f"{exc}") from None
+            raise DataFormatError(
+                f"{self.path / fname}: tensor {name!r} listed in the index is missing: {exc}"
+            ) from None
 
     def dtype(self, name: str) -> torch.dtype:
         """dtype of tensor ``name`` (read from the header; nothing is loaded)."""
@@ -133,8 +164,10 @@ class HFModelFolder:
         code = self._open_safe(fname).get_slice(name).get_dtype()
         dtype = _DTYPE_OF_CODE.get(code)
         if dtype is None:
-            raise DataFormatError(f"{self.path / fname}: tensor {name!r} has dtype {code}, which is not a float "
-                                  f"or integer dtype megalign stores ({', '.join(sorted(_DTYPE_OF_CODE))})")
+            raise DataFormatError(
+                f"{self.path / fname}: tensor {name!r} has dtype {code}, which is not a float "
+                f"or integer dtype megalign stores ({', '.join(sorted(_DTYPE_OF_CODE))})"
+            )
         return dtype
 
     def read(self, name: str, axis: Optional[int] = None, start: int = 0, stop: Optional[int] = None) -> torch.Tensor:

@@ -1,43 +1,73 @@
-"""Training configuration for ``megalign train`` / ``pretrain_gpt.py``: nested dataclasses, YAML + CLI.
+"""The training configuration of ``megalign train`` / ``pretrain_gpt.py``: one typed section per flag group.
 
 Values come from, in increasing priority: the flag defaults (Megatron's), a ``--config FILE.yaml`` (keys are
 flag names with dashes or underscores: ``micro_batch_size: 4`` or ``micro-batch-size: 4``) and explicit
-command-line flags. Every flag is defined once, in :data:`megalign.config_flags.FLAGS`; the section
-dataclasses below are generated from that table. :meth:`TrainingConfig.validate` checks conflicts and
-constraints and raises :class:`~megalign.errors.ConfigError` naming the flags involved.
+command-line flags (megalign.config.loading). Every flag is one field of a section in
+megalign.config.sections; :meth:`TrainingConfig.validate` checks conflicts and constraints and raises
+:class:`~megalign.errors.ConfigError` naming the flags involved. Components take their section:
 
     cfg = load_config(["--model-preset", "tiny", "--seq-length", "64", "--micro-batch-size", "2",
                        "--train-iters", "100", "--lr", "3e-4"])
-    schedule = LRSchedule.from_namespace(cfg.as_namespace())
+    schedule = LRSchedule.from_config(cfg.optimization, cfg.train_iters)
 """
+
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import difflib
 import os
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Mapping, Optional, Sequence
+from typing import Any, Dict, Mapping, Optional, TypeVar
 
-from megalign.config_flags import CONFLICTS, FLAGS, FLAGS_BY_DEST, SECTIONS, add_flag_arguments, flags_markdown, \
-    parse_value
-from megalign.data.dataset_builder import parse_data_path, parse_split
+from megalign.config.data_paths import parse_data_path, parse_split
+from megalign.config.flags import Flag, collect_flags, parse_value
+from megalign.config.flags import flags_markdown as _flags_markdown
+from megalign.config.layout import data_parallel_size, stage_layer_ranges
+from megalign.config.lr_settings import LRScheduleSettings
+from megalign.config.model import ModelConfig, ModelOptions, preset
+from megalign.config.sections import (
+    CheckpointingSection,
+    DataSection,
+    LoggingSection,
+    MiscSection,
+    ModelSection,
+    OptimizationSection,
+    ParallelSection,
+    PrecisionSection,
+    RecomputeSection,
+)
 from megalign.errors import ConfigError
-from megalign.model.config import ModelConfig, ModelOptions, preset
-from megalign.training.lr_schedule import LRSchedule
-from megalign.utils.yaml_files import read_yaml_file
 
-__all__ = ["CheckpointingSection", "DataSection", "LoggingSection", "MiscSection", "ModelSection",
-           "OptimizationSection", "ParallelSection", "PrecisionSection", "RecomputeSection", "TrainingConfig", "add_arguments",
-           "build_parser", "config_from_namespace", "flags_markdown", "load_config", "read_yaml"]
+__all__ = [
+    "CONFLICTS",
+    "FLAGS",
+    "FLAGS_BY_DEST",
+    "SECTIONS",
+    "TrainingConfig",
+    "flags_markdown",
+    "world_size_from_environment",
+]
 
-_TYPES = {"int": Optional[int], "float": Optional[float], "str": Optional[str], "bool": bool,
-          "list": Optional[List[str]]}
+_Number = TypeVar("_Number", int, float)
+
 # Model flags that override a ModelConfig field of another name.
-_MODEL_FIELDS = {"num_layers": "num_layers", "hidden_size": "hidden_size", "ffn_hidden_size": "intermediate_size",
-                 "num_attention_heads": "num_attention_heads", "num_query_groups": "num_key_value_heads",
-                 "max_position_embeddings": "max_position_embeddings", "rotary_base": "rope_theta",
-                 "vocab_size": "vocab_size", "norm_epsilon": "rms_norm_eps", "init_method_std": "init_std"}
+_MODEL_FIELDS = {
+    "num_layers": "num_layers",
+    "hidden_size": "hidden_size",
+    "ffn_hidden_size": "intermediate_size",
+    "num_attention_heads": "num_attention_heads",
+    "num_query_groups": "num_key_value_heads",
+    "max_position_embeddings": "max_position_embeddings",
+    "rotary_base": "rope_theta",
+    "vocab_size": "vocab_size",
+    "norm_epsilon": "rms_norm_eps",
+    "init_method_std": "init_std",
+}
+
+
+def _required(value: Optional[_Number], flag: str) -> _Number:
+    if value is None:
+        raise ConfigError(f"{flag} is required")
+    return value
 
 
 def world_size_from_environment() -> int:
@@ -52,43 +82,19 @@ def world_size_from_environment() -> int:
     return size
 
 
-def _section_class(key: str, title: str) -> type:
-    """A dataclass with one field per flag of section ``key``, defaults from the flag table."""
-    specs = []
-    for flag in (f for f in FLAGS if f.section == key):
-        default = flag.default
-        spec = field(default_factory=lambda d=default: list(d)) if isinstance(default, list) else field(default=default)
-        specs.append((flag.dest, _TYPES[flag.kind], spec))
-    cls = dataclasses.make_dataclass(f"{key.title()}Section", specs, namespace={"__module__": __name__})
-    cls.__doc__ = f"{title} settings (flags of the {title!r} group; see docs/configuration.md)."
-    return cls
-
-
-_SECTION_CLASSES = {key: _section_class(key, title) for key, title in SECTIONS}
-ModelSection = _SECTION_CLASSES["model"]
-DataSection = _SECTION_CLASSES["data"]
-OptimizationSection = _SECTION_CLASSES["optimization"]
-PrecisionSection = _SECTION_CLASSES["precision"]
-RecomputeSection = _SECTION_CLASSES["recompute"]
-ParallelSection = _SECTION_CLASSES["parallel"]
-CheckpointingSection = _SECTION_CLASSES["checkpointing"]
-LoggingSection = _SECTION_CLASSES["logging"]
-MiscSection = _SECTION_CLASSES["misc"]
-
-
 @dataclass
 class TrainingConfig:
     """Everything a training run is configured with, one dataclass per flag group."""
 
-    model: Any = field(default_factory=ModelSection)
-    data: Any = field(default_factory=DataSection)
-    optimization: Any = field(default_factory=OptimizationSection)
-    precision: Any = field(default_factory=PrecisionSection)
-    recompute: Any = field(default_factory=RecomputeSection)
-    parallel: Any = field(default_factory=ParallelSection)
-    checkpointing: Any = field(default_factory=CheckpointingSection)
-    logging: Any = field(default_factory=LoggingSection)
-    misc: Any = field(default_factory=MiscSection)
+    model: ModelSection = field(default_factory=ModelSection)
+    data: DataSection = field(default_factory=DataSection)
+    optimization: OptimizationSection = field(default_factory=OptimizationSection)
+    precision: PrecisionSection = field(default_factory=PrecisionSection)
+    recompute: RecomputeSection = field(default_factory=RecomputeSection)
+    parallel: ParallelSection = field(default_factory=ParallelSection)
+    checkpointing: CheckpointingSection = field(default_factory=CheckpointingSection)
+    logging: LoggingSection = field(default_factory=LoggingSection)
+    misc: MiscSection = field(default_factory=MiscSection)
 
     # ---- construction -------------------------------------------------------------------------------------
     @classmethod
@@ -146,11 +152,23 @@ class TrainingConfig:
     @property
     def num_model_chunks(self) -> int:
         """Model chunks per pipeline rank: 1, or more with --num-layers-per-virtual-pipeline-stage."""
-        p, layers = self.parallel, self._model_fields(None if (self.model.model_preset or self.model.vocab_size)
-                                                      else 1)["num_layers"]
+        p, layers = (
+            self.parallel,
+            self._model_fields(None if (self.model.model_preset or self.model.vocab_size) else 1)["num_layers"],
+        )
         if p.num_layers_per_virtual_pipeline_stage is None:
             return 1
         return layers // p.pipeline_model_parallel_size // p.num_layers_per_virtual_pipeline_stage
+
+    @property
+    def seq_length(self) -> int:
+        """--seq-length (required: validation rejects a config without it)."""
+        return _required(self.model.seq_length, "--seq-length")
+
+    @property
+    def micro_batch_size(self) -> int:
+        """--micro-batch-size (required)."""
+        return _required(self.optimization.micro_batch_size, "--micro-batch-size")
 
     @property
     def global_batch_size(self) -> int:
@@ -158,26 +176,20 @@ class TrainingConfig:
         opt = self.optimization
         if opt.global_batch_size is not None:
             return opt.global_batch_size
-        return opt.micro_batch_size * self.data_parallel_size
+        return self.micro_batch_size * self.data_parallel_size
 
     @property
     def train_iters(self) -> int:
         """Optimizer steps: --train-iters, or --train-samples // global batch size (Megatron's rule)."""
         opt = self.optimization
-        return opt.train_iters if opt.train_iters is not None else opt.train_samples // self.global_batch_size
+        if opt.train_iters is not None:
+            return opt.train_iters
+        return _required(opt.train_samples, "--train-iters or --train-samples") // self.global_batch_size
 
     @property
     def num_microbatches(self) -> int:
         """Gradient-accumulation steps per optimizer step."""
-        return self.global_batch_size // (self.optimization.micro_batch_size * self.data_parallel_size)
-
-    def as_namespace(self) -> argparse.Namespace:
-        """Megatron-style flat namespace (flag destinations) with train_iters and global_batch_size resolved;
-        what LRSchedule.from_namespace and MixedPrecisionOptimizer.from_args read."""
-        values = self.flat()
-        values.update(train_iters=self.train_iters, global_batch_size=self.global_batch_size,
-                      data_parallel_size=self.data_parallel_size, num_microbatches=self.num_microbatches)
-        return argparse.Namespace(**values)
+        return self.global_batch_size // (self.micro_batch_size * self.data_parallel_size)
 
     def _model_fields(self, vocab_size: Optional[int]) -> Dict[str, Any]:
         """ModelConfig keyword arguments: the preset's fields (if any) with the model flags applied."""
@@ -187,13 +199,16 @@ class TrainingConfig:
             overrides["vocab_size"] = vocab_size
         if m.model_preset is not None:
             return {**preset(m.model_preset).to_dict(), **overrides}
-        missing = [FLAGS_BY_DEST[d].name for d in ("num_layers", "hidden_size", "num_attention_heads")
-                   if getattr(m, d) is None]
+        missing = [
+            FLAGS_BY_DEST[d].name for d in ("num_layers", "hidden_size", "num_attention_heads") if getattr(m, d) is None
+        ]
         if missing:
             raise ConfigError(f"give --model-preset, or {', '.join(missing)} to define the model")
         if "vocab_size" not in overrides:
             raise ConfigError("the model needs a vocabulary size: give --vocab-size, a --model-preset, or a tokenizer")
-        overrides.setdefault("intermediate_size", max(64, int(8 * m.hidden_size / 3 / 64) * 64))
+        overrides.setdefault(
+            "intermediate_size", max(64, int(8 * _required(m.hidden_size, "--hidden-size") / 3 / 64) * 64)
+        )
         overrides.setdefault("num_key_value_heads", m.num_attention_heads)
         overrides.setdefault("max_position_embeddings", m.seq_length)
         return overrides
@@ -201,9 +216,12 @@ class TrainingConfig:
     def model_options(self) -> ModelOptions:
         """How the model runs: --attention-backend and the --recompute-* flags."""
         r = self.recompute
-        return ModelOptions(attention_backend=self.model.attention_backend,
-                            recompute_granularity=r.recompute_granularity, recompute_method=r.recompute_method,
-                            recompute_num_layers=r.recompute_num_layers)
+        return ModelOptions(
+            attention_backend=self.model.attention_backend,
+            recompute_granularity=r.recompute_granularity,
+            recompute_method=r.recompute_method,
+            recompute_num_layers=r.recompute_num_layers,
+        )
 
     def model_config(self, vocab_size: Optional[int] = None) -> ModelConfig:
         """The model shape: --model-preset with the model flags as overrides, or the flags alone.
@@ -218,8 +236,10 @@ class TrainingConfig:
         values = self.flat()
         for first, second in CONFLICTS:
             if values[first] != FLAGS_BY_DEST[first].default and values[second] != FLAGS_BY_DEST[second].default:
-                raise ConfigError(f"{FLAGS_BY_DEST[first].name} and {FLAGS_BY_DEST[second].name} cannot be used "
-                                  "together; give only one")
+                raise ConfigError(
+                    f"{FLAGS_BY_DEST[first].name} and {FLAGS_BY_DEST[second].name} cannot be used "
+                    "together; give only one"
+                )
         for dest in ("seq_length", "micro_batch_size", "lr"):
             if values[dest] is None:
                 raise ConfigError(f"{FLAGS_BY_DEST[dest].name} is required")
@@ -237,12 +257,9 @@ class TrainingConfig:
 
     def _validate_parallel_layout(self) -> None:
         """World size vs TP x PP, heads and KV heads vs TP, layers vs pipeline stages, the interleaved schedule."""
-        from megalign.parallel.pipeline import stage_layer_ranges
-        from megalign.parallel.state import rank_layout
-
         p = self.parallel
         tp, pp = p.tensor_model_parallel_size, p.pipeline_model_parallel_size
-        rank_layout(self.world_size, tp, pp)
+        data_parallel_size(self.world_size, tp, pp)
         if p.sequence_parallel and tp == 1:
             raise ConfigError("--sequence-parallel needs --tensor-model-parallel-size > 1")
         fields_ = self._model_fields(None if (self.model.model_preset or self.model.vocab_size) else 1)
@@ -250,8 +267,10 @@ class TrainingConfig:
         if heads % tp:
             raise ConfigError(f"--tensor-model-parallel-size {tp} must divide --num-attention-heads {heads}")
         if groups % tp and tp % groups:
-            raise ConfigError(f"--tensor-model-parallel-size {tp} must divide --num-query-groups {groups} (or be a "
-                              "multiple of it: each rank then keeps a copy of one key/value head)")
+            raise ConfigError(
+                f"--tensor-model-parallel-size {tp} must divide --num-query-groups {groups} (or be a "
+                "multiple of it: each rank then keeps a copy of one key/value head)"
+            )
         uneven = p.decoder_first_pipeline_num_layers is not None or p.decoder_last_pipeline_num_layers is not None
         if uneven and pp == 1:
             raise ConfigError("--decoder-first/last-pipeline-num-layers need --pipeline-model-parallel-size > 1")
@@ -260,42 +279,55 @@ class TrainingConfig:
             if pp == 1:
                 raise ConfigError("--num-layers-per-virtual-pipeline-stage needs --pipeline-model-parallel-size > 1")
             if uneven:
-                raise ConfigError("--num-layers-per-virtual-pipeline-stage cannot be combined with "
-                                  "--decoder-first/last-pipeline-num-layers")
+                raise ConfigError(
+                    "--num-layers-per-virtual-pipeline-stage cannot be combined with "
+                    "--decoder-first/last-pipeline-num-layers"
+                )
             if layers % pp or (layers // pp) % p.num_layers_per_virtual_pipeline_stage:
-                raise ConfigError(f"--num-layers {layers} / --pipeline-model-parallel-size {pp} must be a multiple of "
-                                  f"--num-layers-per-virtual-pipeline-stage {p.num_layers_per_virtual_pipeline_stage}")
+                raise ConfigError(
+                    f"--num-layers {layers} / --pipeline-model-parallel-size {pp} must be a multiple of "
+                    f"--num-layers-per-virtual-pipeline-stage {p.num_layers_per_virtual_pipeline_stage}"
+                )
             chunks = layers // pp // p.num_layers_per_virtual_pipeline_stage
-        stage_layer_ranges(layers, pp * chunks, p.decoder_first_pipeline_num_layers,
-                           p.decoder_last_pipeline_num_layers)
+        stage_layer_ranges(layers, pp * chunks, p.decoder_first_pipeline_num_layers, p.decoder_last_pipeline_num_layers)
 
     def _validate_batch(self) -> None:
         opt = self.optimization
-        unit = opt.micro_batch_size * self.data_parallel_size
+        unit = self.micro_batch_size * self.data_parallel_size
         if self.global_batch_size % unit:
-            raise ConfigError(f"--global-batch-size {self.global_batch_size} must be divisible by --micro-batch-size "
-                              f"{opt.micro_batch_size} x data-parallel size {self.data_parallel_size}")
+            raise ConfigError(
+                f"--global-batch-size {self.global_batch_size} must be divisible by --micro-batch-size "
+                f"{opt.micro_batch_size} x data-parallel size {self.data_parallel_size}"
+            )
         p = self.parallel
-        if p.num_layers_per_virtual_pipeline_stage is not None and self.num_microbatches % p.pipeline_model_parallel_size:
-            raise ConfigError(f"the interleaved schedule needs the micro-batches per step ({self.num_microbatches} = "
-                              f"--global-batch-size / (--micro-batch-size x data-parallel size)) to be a multiple of "
-                              f"--pipeline-model-parallel-size {p.pipeline_model_parallel_size}")
+        if (
+            p.num_layers_per_virtual_pipeline_stage is not None
+            and self.num_microbatches % p.pipeline_model_parallel_size
+        ):
+            raise ConfigError(
+                f"the interleaved schedule needs the micro-batches per step ({self.num_microbatches} = "
+                f"--global-batch-size / (--micro-batch-size x data-parallel size)) to be a multiple of "
+                f"--pipeline-model-parallel-size {p.pipeline_model_parallel_size}"
+            )
         if opt.train_samples is not None and opt.train_samples < self.global_batch_size:
-            raise ConfigError(f"--train-samples {opt.train_samples} must be at least --global-batch-size "
-                              f"{self.global_batch_size} (one optimizer step)")
+            raise ConfigError(
+                f"--train-samples {opt.train_samples} must be at least --global-batch-size "
+                f"{self.global_batch_size} (one optimizer step)"
+            )
 
     def _validate_model(self) -> None:
         m = self.model
         fields_ = self._model_fields(None if (m.model_preset or m.vocab_size) else 1)
-        hidden, heads, groups = (fields_["hidden_size"], fields_["num_attention_heads"],
-                                 fields_["num_key_value_heads"])
+        hidden, heads, groups = (fields_["hidden_size"], fields_["num_attention_heads"], fields_["num_key_value_heads"])
         if hidden % heads:
             raise ConfigError(f"--num-attention-heads {heads} must divide --hidden-size {hidden}")
         if heads % groups:
             raise ConfigError(f"--num-query-groups {groups} must divide --num-attention-heads {heads}")
         if m.seq_length > fields_["max_position_embeddings"]:
-            raise ConfigError(f"--seq-length {m.seq_length} must not exceed --max-position-embeddings "
-                              f"{fields_['max_position_embeddings']}")
+            raise ConfigError(
+                f"--seq-length {m.seq_length} must not exceed --max-position-embeddings "
+                f"{fields_['max_position_embeddings']}"
+            )
         layers = self.recompute.recompute_num_layers
         if layers is not None and layers > fields_["num_layers"]:
             raise ConfigError(f"--recompute-num-layers {layers} must not exceed --num-layers {fields_['num_layers']}")
@@ -303,7 +335,7 @@ class TrainingConfig:
 
     def _validate_optimization(self) -> None:
         opt = self.optimization
-        if opt.min_lr > opt.lr:
+        if opt.min_lr > _required(opt.lr, "--lr"):
             raise ConfigError(f"--min-lr {opt.min_lr:g} must not exceed --lr {opt.lr:g}")
         for dest in ("adam_beta1", "adam_beta2"):
             if not getattr(opt, dest) < 1.0:
@@ -311,22 +343,25 @@ class TrainingConfig:
         if opt.adam_eps <= 0.0:
             raise ConfigError(f"--adam-eps {opt.adam_eps:g} must be > 0")
         if opt.lr_wsd_decay_iters is not None and opt.lr_decay_style != "wsd":
-            raise ConfigError(f"--lr-wsd-decay-iters is only used with --lr-decay-style wsd, "
-                              f"not {opt.lr_decay_style}")
-        LRSchedule.from_namespace(self.as_namespace())  # warmup vs decay steps, WSD, ...: messages name flags
+            raise ConfigError(f"--lr-wsd-decay-iters is only used with --lr-decay-style wsd, not {opt.lr_decay_style}")
+        LRScheduleSettings.from_section(opt, self.train_iters)  # warmup vs decay steps, WSD, ...: name flags
 
     def _validate_precision(self) -> None:
         p = self.precision
         if not p.fp16:
             for dest in ("initial_loss_scale", "loss_scale", "loss_scale_window", "hysteresis", "min_loss_scale"):
                 if getattr(p, dest) != FLAGS_BY_DEST[dest].default:
-                    raise ConfigError(f"{FLAGS_BY_DEST[dest].name} is only used with --fp16 (bf16 and fp32 need "
-                                      "no loss scaling); remove it or add --fp16")
+                    raise ConfigError(
+                        f"{FLAGS_BY_DEST[dest].name} is only used with --fp16 (bf16 and fp32 need "
+                        "no loss scaling); remove it or add --fp16"
+                    )
         if p.loss_scale is not None and p.loss_scale <= 0.0:
             raise ConfigError(f"--loss-scale {p.loss_scale:g} must be > 0")
         if not 0.0 < p.min_loss_scale <= p.initial_loss_scale:
-            raise ConfigError(f"--min-loss-scale {p.min_loss_scale:g} must be > 0 and must not exceed "
-                              f"--initial-loss-scale {p.initial_loss_scale:g}")
+            raise ConfigError(
+                f"--min-loss-scale {p.min_loss_scale:g} must be > 0 and must not exceed "
+                f"--initial-loss-scale {p.initial_loss_scale:g}"
+            )
 
     def _validate_recompute(self) -> None:
         r = self.recompute
@@ -335,11 +370,15 @@ class TrainingConfig:
                 raise ConfigError("--recompute-method and --recompute-num-layers need --recompute-granularity full")
         elif r.recompute_granularity == "full":
             if r.recompute_method is None or r.recompute_num_layers is None:
-                raise ConfigError("--recompute-granularity full needs --recompute-method (uniform or block) and "
-                                  "--recompute-num-layers")
+                raise ConfigError(
+                    "--recompute-granularity full needs --recompute-method (uniform or block) and "
+                    "--recompute-num-layers"
+                )
         elif r.recompute_method is not None or r.recompute_num_layers is not None:
-            raise ConfigError("--recompute-granularity selective takes no --recompute-method or "
-                              "--recompute-num-layers (they are for full)")
+            raise ConfigError(
+                "--recompute-granularity selective takes no --recompute-method or "
+                "--recompute-num-layers (they are for full)"
+            )
 
     def _validate_checkpointing(self) -> None:
         c = self.checkpointing
@@ -358,8 +397,10 @@ class TrainingConfig:
         if self.misc.sft:
             for dest in ("reset_position_ids", "reset_attention_mask", "eod_mask_loss"):
                 if getattr(d, dest):
-                    raise ConfigError(f"{FLAGS_BY_DEST[dest].name} does not apply to --sft: an SFT sample is one "
-                                      "conversation (padding is never trained on); remove it")
+                    raise ConfigError(
+                        f"{FLAGS_BY_DEST[dest].name} does not apply to --sft: an SFT sample is one "
+                        "conversation (padding is never trained on); remove it"
+                    )
         if d.data_path is not None:
             parse_data_path(d.data_path)
         try:
@@ -368,56 +409,21 @@ class TrainingConfig:
             raise ConfigError(f"--{exc}") from None
         if d.tokenizer_model is not None and d.tokenizer_type is None:
             raise ConfigError("--tokenizer-model needs --tokenizer-type (how to read the model file)")
-        if self.misc.seed > 2 ** 32 - 1:
+        if self.misc.seed > 2**32 - 1:
             raise ConfigError(f"--seed {self.misc.seed} must be < 2**32")
 
 
-# ---- YAML and command line --------------------------------------------------------------------------------
-def read_yaml(path: str) -> Dict[str, Any]:
-    """``{dest: value}`` from a flat YAML file of flag names (dashes or underscores); errors name the file and key."""
-    data = read_yaml_file(path, f"--config {path}")
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: expected a mapping of flag names to values, got {type(data).__name__}")
-    values: Dict[str, Any] = {}
-    for key, value in data.items():
-        dest = str(key).lstrip("-").replace("-", "_")
-        if dest not in FLAGS_BY_DEST:
-            close = difflib.get_close_matches(dest, list(FLAGS_BY_DEST), n=1)
-            hint = f"; did you mean {close[0]!r}?" if close else ""
-            raise ConfigError(f"{path}: unknown key {key!r}{hint} (keys are flag names, see docs/configuration.md)")
-        if dest in values:
-            raise ConfigError(f"{path}: key {key!r} is given twice (as dashes and underscores)")
-        values[dest] = parse_value(FLAGS_BY_DEST[dest], value, f"{path}: ")
-    return values
+SECTIONS, FLAGS = collect_flags(TrainingConfig)
+FLAGS_BY_DEST: Dict[str, Flag] = {flag.dest: flag for flag in FLAGS}
+
+# Pairs of flags that cannot both be set (a flag is set when its value differs from its default).
+CONFLICTS = (
+    ("bf16", "fp16"),
+    ("train_iters", "train_samples"),
+    ("lr_warmup_iters", "lr_warmup_fraction"),
+)
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Add ``--config`` and every training flag to ``parser`` (for the ``megalign train`` subcommand)."""
-    parser.add_argument("--config", metavar="FILE.yaml", default=None,
-                        help="YAML file of flag values (keys: flag names); explicit flags override it")
-    add_flag_arguments(parser)
-
-
-def build_parser() -> argparse.ArgumentParser:
-    """The training argument parser (pretrain_gpt.py, ``megalign train``)."""
-    parser = argparse.ArgumentParser(prog="pretrain_gpt.py", description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     epilog="Flags and defaults: docs/configuration.md")
-    add_arguments(parser)
-    return parser
-
-
-def config_from_namespace(args: argparse.Namespace) -> TrainingConfig:
-    """The config from parsed :func:`add_arguments` flags: defaults, then ``args.config``'s YAML, then the flags."""
-    explicit = {dest: value for dest, value in vars(args).items() if dest in FLAGS_BY_DEST}
-    path = getattr(args, "config", None)
-    values = read_yaml(os.fspath(path)) if path else {}
-    values.update(explicit)
-    return TrainingConfig.from_values(values)
-
-
-def load_config(argv: Sequence[str]) -> TrainingConfig:
-    """Parse ``argv`` (flags and an optional ``--config FILE.yaml``) into a validated :class:`TrainingConfig`."""
-    return config_from_namespace(build_parser().parse_args(list(argv)))
+def flags_markdown() -> str:
+    """The training flag reference as Markdown tables, one per section (embedded in docs/configuration.md)."""
+    return _flags_markdown(SECTIONS, FLAGS)

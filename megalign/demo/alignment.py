@@ -71,6 +71,7 @@ def _start_server(worker: Path) -> tuple:
     print("$ megalign serve " + f"{worker} --port 0 --model-name worker &", flush=True)
     environment = {**os.environ, "OMP_NUM_THREADS": "1"}
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=environment)
+    assert process.stdout is not None  # stdout=PIPE
     for line in process.stdout:
         print(line.rstrip(), flush=True)
         if " at http://" in line:

@@ -1,28 +1,7 @@
-"""End-to-end demo on the shipped sample corpus (CPU, about a minute and a half).
+"""The steps of `megalign demo` (described in megalign/demo/__init__.py) and its command-line entry.
 
-Runs each pipeline step as the CLI command a user would type (printed before it runs), then builds
-the training datasets through the Python API and prints decoded samples. Steps so far:
-  1. train a SentencePiece tokenizer on the sample        (megalign train-tokenizer)
-  2. split the sample by language and tokenize each part   (megalign preprocess)
-  3. merge the parts into one dataset                      (megalign merge-datasets)
-  4. build a blended 80/20 Arabic/English GPT dataset with a train/valid split, cached indices,
-     and the data-parallel sampler; decode a few samples
-  5. train the tiny LLaMA-style preset on it, checkpointing half-way, with selective activation
-     recomputation and TensorBoard events                                 (megalign train)
-  6. resume from that checkpoint and finish the run                       (megalign train --load)
-  7. parallel training on 4 CPU processes: tensor parallel 2 x pipeline parallel 2 with sequence
-     parallelism over gloo; its checkpoint then resumes in one process (another layout)
-                                              (torchrun ... megalign train --tensor-model-parallel-size 2 ...)
-  8. native alignment, steps 1-3: dedup (with planted duplicates), seed documents chosen by perplexity
-     under the step-6 model, expert annotation over the OpenAI API (a rule-based stand-in expert on
-     loopback), SFT records, and the worker fine-tuned from the pre-trained checkpoint
-                  (megalign align dedup / seed / annotate / build-sft, preprocess --sft, train --sft --finetune)
-  9. native alignment, step 4: the worker rewrites shard 0 of 8 in-process and shard 1 of 8 through
-     `megalign serve` (KV-cache generation, validation of every rewrite); shard 2 goes through the
-     rule-based stand-in, so that the report shows what a good worker changes   (megalign align rewrite)
- 10. the quality report: original vs aligned                                     (megalign align report)
- 11. export the checkpoint trained at TP 2 x PP 2 as a Hugging Face folder and check that transformers
-     gives the same loss as megalign on a batch          (megalign convert megalign-to-hf)
+The sample corpus ships inside the package (megalign/demo/data/sample.jsonl) and is read through
+importlib.resources, so the demo runs from an installed wheel as well as from a source checkout.
 """
 from __future__ import annotations
 
@@ -34,7 +13,7 @@ import shutil
 import sys
 import time
 from pathlib import Path
-from typing import List, Sequence
+from typing import ContextManager, Dict, List, Optional, Sequence
 
 from megalign.errors import MegalignError
 
@@ -43,12 +22,25 @@ EXAMPLES = """examples:
   megalign demo --workdir /tmp/demo --sequence-length 256 --fresh
 """
 
-SAMPLE_CORPUS = Path(__file__).resolve().parent.parent / "examples" / "data" / "sample.jsonl"
+# (package, path inside it) of the shipped sample corpus; package data, so it is in wheels and sdists.
+SAMPLE_RESOURCE = ("megalign.demo", ("data", "sample.jsonl"))
+
+
+def sample_corpus() -> ContextManager[Path]:
+    """A context manager giving a filesystem path to the shipped sample corpus (a temporary copy only when
+    the package is imported from a zip)."""
+    from importlib import resources
+
+    package, parts = SAMPLE_RESOURCE
+    resource = resources.files(package)
+    for part in parts:
+        resource = resource / part
+    return resources.as_file(resource)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--workdir", default="demo_output", help="folder for everything the demo writes")
-    parser.add_argument("--corpus", default=str(SAMPLE_CORPUS), help="JSONL corpus (default: the shipped sample)")
+    parser.add_argument("--corpus", default=None, help="JSONL corpus (default: the shipped sample)")
     parser.add_argument("--vocab-size", type=int, default=2000, help="tokenizer vocabulary (default: %(default)s)")
     parser.add_argument("--sequence-length", type=int, default=128, help="tokens per sample (default: %(default)s)")
     parser.add_argument("--workers", type=int, default=2, help="preprocessing workers (default: %(default)s)")
@@ -78,9 +70,10 @@ def split_by_language(corpus: Path, out_dir: Path) -> List[Path]:
 
     out_dir.mkdir(parents=True, exist_ok=True)
     parts = {"arabic": out_dir / "arabic.jsonl", "english": out_dir / "english.jsonl"}
-    lines = {name: [] for name in parts}
+    lines: Dict[str, List[str]] = {name: [] for name in parts}
     for _, record in iter_records(str(corpus), ("text",)):
-        lines["arabic" if record.get("lang", "ar") == "ar" else "english"].append(json.dumps(record, ensure_ascii=False))
+        part = "arabic" if record.get("lang", "ar") == "ar" else "english"
+        lines[part].append(json.dumps(record, ensure_ascii=False))
     for name, path in parts.items():
         with atomic_write(path) as handle:
             handle.write("\n".join(lines[name]) + "\n")
@@ -134,7 +127,7 @@ def hf_export(workdir: Path, load: Path, data_path: str, tokenizer_model: Path, 
         print("transformers is not installed (pip install -e '.[hf]'): skipping the comparison")
         return
     dataset = IndexedDataset(data_path)
-    tokens = torch.cat([torch.as_tensor(dataset[i].astype("int64")) for i in range(min(len(dataset), 64))])
+    tokens = torch.cat([torch.as_tensor(dataset.get(i).astype("int64")) for i in range(min(len(dataset), 64))])
     batch = tokens[: 2 * sequence_length].reshape(2, sequence_length)
     ours = load_model(load, tokenizer_type="SentencePieceTokenizer", tokenizer_model=str(tokenizer_model)).model
     hf = transformers.AutoModelForCausalLM.from_pretrained(out, attn_implementation="eager").eval()
@@ -174,7 +167,10 @@ def show_datasets(data_prefixes: List[str], tokenizer_model: Path, cache_dir: Pa
     )
     started = time.perf_counter()
     train, valid, _ = build_gpt_datasets(config, [256, 32, 0])
-    print(f"built train ({len(train)} samples) and valid ({len(valid)} samples) in {time.perf_counter() - started:.2f}s")
+    if train is None or valid is None:
+        raise MegalignError("demo step 4: the 90,10,0 split built no train or no valid dataset")
+    print(f"built train ({len(train)} samples) and valid ({len(valid)} samples) "
+          f"in {time.perf_counter() - started:.2f}s")
     started = time.perf_counter()
     build_gpt_datasets(config, [256, 32, 0])
     print(f"rebuilt from the index cache in {time.perf_counter() - started:.2f}s")
@@ -195,7 +191,16 @@ def show_datasets(data_prefixes: List[str], tokenizer_model: Path, cache_dir: Pa
 
 
 def main(args: argparse.Namespace) -> int:
-    corpus = Path(args.corpus)
+    """Run every demo step on ``args.corpus`` (the shipped sample when it is not given)."""
+    corpus: Optional[str] = args.corpus
+    if corpus is not None:
+        return run_demo(args, Path(corpus))
+    with sample_corpus() as path:
+        return run_demo(args, path)
+
+
+def run_demo(args: argparse.Namespace, corpus: Path) -> int:
+    """The demo steps 1 to 11 on ``corpus``, writing under ``args.workdir``."""
     if not corpus.is_file():
         raise MegalignError(f"demo corpus {corpus} not found; pass --corpus FILE.jsonl")
     workdir = Path(args.workdir)
@@ -232,7 +237,8 @@ def main(args: argparse.Namespace) -> int:
     half = args.train_iters // 2
     train_args = ["--model-preset", "tiny", "--seq-length", "64", "--micro-batch-size", "4",
                   "--global-batch-size", "8", "--lr", "3e-3", "--min-lr", "3e-4", "--lr-decay-style", "cosine",
-                  "--lr-warmup-iters", "10", "--lr-decay-iters", str(args.train_iters), "--data-path", "0.8", prefixes[0], "0.2", prefixes[1],
+                  "--lr-warmup-iters", "10", "--lr-decay-iters", str(args.train_iters),
+                  "--data-path", "0.8", prefixes[0], "0.2", prefixes[1],
                   "--split", "90,10,0", "--tokenizer-type", "SentencePieceTokenizer",
                   "--tokenizer-model", str(tokenizer_model), "--data-cache-path", str(workdir / "index_cache"),
                   "--save", str(checkpoints), "--log-interval", "20", "--eval-interval", str(half),
@@ -249,7 +255,7 @@ def main(args: argparse.Namespace) -> int:
 
     _step("8. Native alignment: dedup, seed by perplexity, expert annotation over the OpenAI API (a rule-based "
           "stand-in), worker fine-tuning")
-    from megalign import demo_alignment
+    from megalign.demo import alignment as demo_alignment
 
     align = workdir / "align"
     sft_pairs = demo_alignment.expert_annotation(_run, align, corpus, checkpoints)
@@ -281,8 +287,3 @@ def main(args: argparse.Namespace) -> int:
     print(f"\ndemo finished in {time.perf_counter() - started:.1f}s; outputs in {workdir}/", flush=True)
     return 0
 
-
-if __name__ == "__main__":  # pragma: no cover
-    from megalign.cli import run_command
-
-    sys.exit(run_command("demo", sys.argv[1:]))

@@ -1,0 +1,31 @@
+"""End-to-end demo on the shipped sample corpus (CPU, about a minute and a half).
+
+Runs each pipeline step as the CLI command a user would type (printed before it runs), then builds
+the training datasets through the Python API and prints decoded samples. Steps so far:
+  1. train a SentencePiece tokenizer on the sample        (megalign train-tokenizer)
+  2. split the sample by language and tokenize each part   (megalign preprocess)
+  3. merge the parts into one dataset                      (megalign merge-datasets)
+  4. build a blended 80/20 Arabic/English GPT dataset with a train/valid split, cached indices,
+     and the data-parallel sampler; decode a few samples
+  5. train the tiny LLaMA-style preset on it, checkpointing half-way, with selective activation
+     recomputation and TensorBoard events                                 (megalign train)
+  6. resume from that checkpoint and finish the run                       (megalign train --load)
+  7. parallel training on 4 CPU processes: tensor parallel 2 x pipeline parallel 2 with sequence
+     parallelism over gloo; its checkpoint then resumes in one process (another layout)
+                                              (torchrun ... megalign train --tensor-model-parallel-size 2 ...)
+  8. native alignment, steps 1-3: dedup (with planted duplicates), seed documents chosen by perplexity
+     under the step-6 model, expert annotation over the OpenAI API (a rule-based stand-in expert on
+     loopback), SFT records, and the worker fine-tuned from the pre-trained checkpoint
+                  (megalign align dedup / seed / annotate / build-sft, preprocess --sft, train --sft --finetune)
+  9. native alignment, step 4: the worker rewrites shard 0 of 8 in-process and shard 1 of 8 through
+     `megalign serve` (KV-cache generation, validation of every rewrite); shard 2 goes through the
+     rule-based stand-in, so that the report shows what a good worker changes   (megalign align rewrite)
+ 10. the quality report: original vs aligned                                     (megalign align report)
+ 11. export the checkpoint trained at TP 2 x PP 2 as a Hugging Face folder and check that transformers
+     gives the same loss as megalign on a batch          (megalign convert megalign-to-hf)
+"""
+from __future__ import annotations
+
+from megalign.demo.run import EXAMPLES, SAMPLE_RESOURCE, add_arguments, main, sample_corpus
+
+__all__ = ["EXAMPLES", "SAMPLE_RESOURCE", "add_arguments", "main", "sample_corpus"]
