@@ -91,6 +91,9 @@ class RuleBasedExpert:
         """The server's completions entry point: each prompt polished as a document."""
         return [self._completion(p, self.reply([{"role": "user", "content": p}])) for p in prompts]
 
+    def close(self) -> None:
+        """Nothing to release (no model, no threads)."""
+
 
 class RuleBasedExpertServer(ModelServer):
     """:class:`RuleBasedExpert` behind the OpenAI-compatible server (127.0.0.1, a free port by default)."""

@@ -109,10 +109,10 @@ class DataSection:
     reset_attention_mask: bool = setting(False, "Keep attention within each document of a sample.")
     eod_mask_loss: bool = setting(False, "Do not train on predicting end-of-document tokens.")
     make_vocab_size_divisible_by: int = setting(128, "Pad the tokenizer's vocabulary to a multiple of this.", minimum=1)
-    num_workers: int = setting(
-        2,
-        "DataLoader worker processes that read and collate batches while the model computes (0: read in the "
-        "training process).",
+    num_workers: Optional[int] = setting(
+        None,
+        "DataLoader worker processes that read and collate batches while the model computes (default: 2 on GPUs, "
+        "as Megatron; 0 on CPUs, where workers would compete with the training processes for the cores).",
         minimum=0,
     )
 

@@ -13,12 +13,12 @@ samples (integers), interleaved in proportion (build_exhaustive_blending_indices
 from __future__ import annotations
 
 import logging
-from typing import Any, Dict, List, Optional, Sequence, Union
+from typing import Any, Dict, Generic, List, Optional, Protocol, Sequence, TypeVar, Union
 
 import numpy
 import torch
 
-from megalign.data.gpt_dataset import GPTDataset, GPTDatasetConfig
+from megalign.data.gpt_dataset import GPTDatasetConfig, Split
 from megalign.data.index_cache import ArraySpec, EntryCheck, IndexCache, description_hash, validate_arrays
 from megalign.data.index_helpers import build_blending_indices, build_exhaustive_blending_indices
 from megalign.errors import ConfigError
@@ -54,8 +54,28 @@ def _oversampling_check(lengths: Sequence[int]) -> EntryCheck:
     return check
 
 
-class BlendedDataset(torch.utils.data.Dataset):
-    """Samples drawn from several GPTDatasets of one split in proportion to `weights`.
+class BlendMember(Protocol):
+    """What BlendedDataset needs of the datasets it blends (GPTDataset, SFTDataset)."""
+
+    @property
+    def index_split(self) -> Split: ...
+
+    @property
+    def dataset_path(self) -> str: ...
+
+    @property
+    def unique_description_hash(self) -> str: ...
+
+    def __len__(self) -> int: ...
+
+    def __getitem__(self, idx: int) -> Dict[str, torch.Tensor]: ...
+
+
+_Member = TypeVar("_Member", bound=BlendMember)
+
+
+class BlendedDataset(torch.utils.data.Dataset, Generic[_Member]):
+    """Samples drawn from several GPTDatasets (or SFTDatasets) of one split in proportion to `weights`.
 
     size None: weights are integer sample counts and the blend takes exactly that many from each
     dataset. Otherwise the weights are normalised and `size` samples are blended. Item i is the
@@ -64,7 +84,7 @@ class BlendedDataset(torch.utils.data.Dataset):
 
     def __init__(
         self,
-        datasets: Sequence[GPTDataset],
+        datasets: Sequence[_Member],
         weights: Sequence[Union[int, float]],
         size: Optional[int],
         config: GPTDatasetConfig,

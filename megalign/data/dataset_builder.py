@@ -25,7 +25,7 @@ from megalign.data.index_cache import IndexCache
 from megalign.data.indexed_dataset import IndexedDataset
 from megalign.errors import ConfigError
 
-TopLevelDataset = Union[GPTDataset, BlendedDataset]
+TopLevelDataset = Union[GPTDataset, BlendedDataset[GPTDataset]]
 
 
 def document_ranges(num_sequences: int, matrix: SplitMatrix) -> List[Optional[Tuple[int, int]]]:
@@ -118,7 +118,7 @@ class GPTDatasetBuilder:
         weights: Optional[List[float]],
         size: Optional[int],
         target_sizes: Optional[List[int]],
-    ) -> BlendedDataset:
+    ) -> BlendedDataset[GPTDataset]:
         if weights is not None:
             # client weights and size: blend exactly the planned (pre-surplus) sample counts
             return BlendedDataset(datasets, weights, sum(target_sizes or []), self.config, self.cache)

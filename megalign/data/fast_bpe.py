@@ -195,9 +195,7 @@ class ByteLevelBPEEncoder:
             mapped = b"".join(encoded).decode("latin-1").translate(self._to_byte_level)
             ends = list(itertools.accumulate(map(len, encoded)))
             words = map(mapped.__getitem__, map(slice, [0] + ends[:-1], ends))
-            cache.update(
-                zip(missing, map(tuple, map(map, itertools.repeat(_TOKEN_ID), map(model.tokenize, words))))
-            )
+            cache.update(zip(missing, map(tuple, map(map, itertools.repeat(_TOKEN_ID), map(model.tokenize, words)))))
         return [cache[piece] for piece in pieces]
 
     def _encode_pieces(self, segment: str, ids: List[int]) -> None:

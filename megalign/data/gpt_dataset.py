@@ -19,7 +19,7 @@ import logging
 import os
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple, TypeGuard, Union
 
 import numpy
 import torch
@@ -49,12 +49,13 @@ class Split(enum.Enum):
     test = 2
 
 
-def _require(condition: bool, name: str, message: str) -> None:
+def _require(condition: Union[bool, numpy.bool_], name: str, message: str) -> None:
+    """ConfigError "name: message" unless `condition` (a numpy.bool_ where a numpy integer was compared)."""
     if not condition:
         raise ConfigError(f"{name}: {message}")
 
 
-def _is_int(value: Any) -> bool:
+def _is_int(value: object) -> TypeGuard[Union[int, numpy.integer]]:
     return isinstance(value, (int, numpy.integer)) and not isinstance(value, bool)
 
 

@@ -71,7 +71,11 @@ class ArraySpec:
 
 
 def split_description(
-    dataset: object, dataset_path: str, index_split_name: str, document_range: Tuple[int, int], num_samples: int
+    dataset: object,
+    dataset_path: str,
+    index_split_name: str,
+    document_range: Tuple[int, int],
+    num_samples: Optional[int],
 ) -> Dict[str, Any]:
     """The fields every split dataset's description starts with (its class, file, split and size)."""
     return {

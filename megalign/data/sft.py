@@ -181,7 +181,7 @@ def tokenize_conversations(
     fulls = ["".join(text for text, _ in segments) for segments in all_segments]
     encoded = encode(texts + fulls) if texts else []
     pieces, full_ids = iter(encoded[: len(texts)]), encoded[len(texts) :]
-    results: List[Optional[Encoded]] = []
+    results: List[Encoded] = []
     retry: List[int] = []  # conversations whose segments tokenize differently from the whole text
     for number, segments in enumerate(all_segments):
         ids: List[int] = []
@@ -205,7 +205,7 @@ def tokenize_conversations(
             results[number] = (list(full_ids[number]), mask)
     bos = tokenizer.bos
     finished: List[Encoded] = []
-    for ids, mask in results:  # type: ignore[misc]
+    for ids, mask in results:
         if bos is not None and (not ids or ids[0] != bos):
             ids, mask = [bos] + ids, [0] + mask
         finished.append((ids, mask))

@@ -20,7 +20,7 @@ from __future__ import annotations
 import logging
 import math
 import os
-from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, Optional, Sequence, Tuple, TypeGuard, Union, cast
 
 import numpy
 import torch
@@ -36,12 +36,12 @@ from megalign.errors import ConfigError, DataFormatError
 
 logger = logging.getLogger(__name__)
 
-SFTSplitDataset = Union["SFTDataset", BlendedDataset]
+SFTSplitDataset = Union["SFTDataset", BlendedDataset["SFTDataset"]]
 _SEED_MAX = 2**32 - 1
 _CHECK_CHUNK = 1 << 24  # mask values validated per step
 
 
-def _is_int(value: Any) -> bool:
+def _is_int(value: object) -> TypeGuard[Union[int, numpy.integer]]:
     return isinstance(value, (int, numpy.integer)) and not isinstance(value, bool)
 
 
@@ -222,9 +222,10 @@ def _as_blend(prefixes_or_blend: Union[str, Sequence[str], Blend]) -> Blend:
     if isinstance(prefixes_or_blend, str):
         return parse_data_path([prefixes_or_blend])
     values = list(prefixes_or_blend)
-    if len(values) == 2 and isinstance(values[0], (list, tuple)):
-        return list(values[0]), (None if values[1] is None else list(values[1]))
-    return parse_data_path(values)
+    if len(values) == 2 and isinstance(values[0], (list, tuple)):  # (prefixes, weights or None)
+        prefixes, weights = cast(Tuple[Sequence[str], Optional[Sequence[float]]], values)
+        return list(prefixes), (None if weights is None else list(weights))
+    return parse_data_path(cast(List[str], values))  # --data-path values
 
 
 def build_sft_datasets(
@@ -278,11 +279,14 @@ def build_sft_datasets(
     datasets: List[Optional[SFTSplitDataset]] = [None] * len(Split)
     for split_ in Split:
         size = sizes[split_.value]
-        if all(r[split_.value] is None for r in ranges):
+        spans = [r[split_.value] for r in ranges]
+        if all(span is None for span in spans):
             continue
+        # All prefixes are cut by the one split matrix: a split has a range in every prefix or in none.
+        counts = [end - begin for begin, end in cast(List[Tuple[int, int]], spans)]
         if weights is not None and size is None:
             raise ConfigError(f"sizes: the {split_.name} split blends weighted datasets, which needs a sample count")
-        chosen = [i for i, r in enumerate(ranges) if weights is not None or r[split_.value][1] > r[split_.value][0]]
+        chosen = [i for i, count in enumerate(counts) if weights is not None or count > 0]
         if not chosen:
             if size:
                 member(0, split_, size)  # raises the ConfigError naming the empty split
@@ -290,11 +294,7 @@ def build_sft_datasets(
         if len(chosen) == 1 and weights is None:
             datasets[split_.value] = member(chosen[0], split_, size)
             continue
-        shares = (
-            weights
-            if weights is not None
-            else [ranges[i][split_.value][1] - ranges[i][split_.value][0] for i in chosen]
-        )
+        shares = weights if weights is not None else [counts[i] for i in chosen]
         if size is None:  # unweighted, one epoch of each: exhaustive blend of their conversation counts
             members = [member(i, split_, None) for i in chosen]
             datasets[split_.value] = BlendedDataset(members, [len(m) for m in members], None, config)

@@ -24,6 +24,7 @@ the training datasets through the Python API and prints decoded samples. Steps s
  11. export the checkpoint trained at TP 2 x PP 2 as a Hugging Face folder and check that transformers
      gives the same loss as megalign on a batch          (megalign convert megalign-to-hf)
 """
+
 from __future__ import annotations
 
 from megalign.demo.run import EXAMPLES, SAMPLE_RESOURCE, add_arguments, main, sample_corpus

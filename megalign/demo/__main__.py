@@ -1,4 +1,5 @@
 """`python -m megalign.demo ARGS`: the same as `megalign demo ARGS`."""
+
 from __future__ import annotations
 
 import sys

@@ -5,6 +5,7 @@ HTTP path (megalign/align/rule_based_expert.py). The worker is a tiny model fine
 its rewrites mostly fail validation and keep the original, which the report shows. The demo shows how the
 pipeline works, not how good the output is.
 """
+
 from __future__ import annotations
 
 import json
@@ -53,14 +54,46 @@ def expert_annotation(run: Run, work: Path, corpus: Path, reference: Path) -> Pa
     plant_duplicates(corpus, work / "raw.jsonl")
     run("align", ["dedup", "--input", str(work / "raw.jsonl"), "--output", str(work / "unique")])
     report = json.loads((work / "unique" / "dedup_report.json").read_text(encoding="utf-8"))
-    print(f"dedup: kept {report['kept_records']} of {report['input_records']} records "
-          f"({report['exact_duplicates']['removed']} exact, {report['near_duplicates']['removed']} near duplicates)")
-    run("align", ["seed", "--input", str(work / "unique"), "--output", str(work / "seed"), "--num", "96",
-                  "--strategy", "ppl-stratified", "--load", str(reference), "--candidates", "192"])
+    print(
+        f"dedup: kept {report['kept_records']} of {report['input_records']} records "
+        f"({report['exact_duplicates']['removed']} exact, {report['near_duplicates']['removed']} near duplicates)"
+    )
+    run(
+        "align",
+        [
+            "seed",
+            "--input",
+            str(work / "unique"),
+            "--output",
+            str(work / "seed"),
+            "--num",
+            "96",
+            "--strategy",
+            "ppl-stratified",
+            "--load",
+            str(reference),
+            "--candidates",
+            "192",
+        ],
+    )
     with RuleBasedExpertServer() as expert:
         print(f"stand-in expert (rule-based, OpenAI-compatible) at {expert.base_url}")
-        run("align", ["annotate", "--input", str(work / "seed"), "--output", str(work / "pairs"), "--base-url",
-                      expert.base_url, "--model", expert.model_name, "--api-key-env", "MEGALIGN_DEMO_NO_KEY"])
+        run(
+            "align",
+            [
+                "annotate",
+                "--input",
+                str(work / "seed"),
+                "--output",
+                str(work / "pairs"),
+                "--base-url",
+                expert.base_url,
+                "--model",
+                expert.model_name,
+                "--api-key-env",
+                "MEGALIGN_DEMO_NO_KEY",
+            ],
+        )
     run("align", ["build-sft", "--input", str(work / "pairs"), "--output", str(work / "worker_sft.jsonl")])
     return work / "worker_sft.jsonl"
 
@@ -92,16 +125,47 @@ def rewrite_corpus(run: Run, work: Path, worker: Path) -> List[Path]:
     run("align", ["rewrite", *common, "--shard-index", "0", "--load", str(worker), "--batch-size", "16"])
     process, url = _start_server(worker)
     try:
-        run("align", ["rewrite", *common, "--shard-index", "1", "--base-url", url, "--model", "worker",
-                      "--concurrency", "8", "--max-piece-chars", "300", "--max-tokens", "160",
-                      "--api-key-env", "MEGALIGN_DEMO_NO_KEY"])
+        run(
+            "align",
+            [
+                "rewrite",
+                *common,
+                "--shard-index",
+                "1",
+                "--base-url",
+                url,
+                "--model",
+                "worker",
+                "--concurrency",
+                "8",
+                "--max-piece-chars",
+                "300",
+                "--max-tokens",
+                "160",
+                "--api-key-env",
+                "MEGALIGN_DEMO_NO_KEY",
+            ],
+        )
     finally:
         process.terminate()
         process.wait()
     with RuleBasedExpertServer() as stand_in:
         print(f"shard 2 through the rule-based stand-in at {stand_in.base_url}, to show the report with changes")
-        run("align", ["rewrite", *common, "--shard-index", "2", "--base-url", stand_in.base_url, "--model",
-                      stand_in.model_name, "--api-key-env", "MEGALIGN_DEMO_NO_KEY"])
+        run(
+            "align",
+            [
+                "rewrite",
+                *common,
+                "--shard-index",
+                "2",
+                "--base-url",
+                stand_in.base_url,
+                "--model",
+                stand_in.model_name,
+                "--api-key-env",
+                "MEGALIGN_DEMO_NO_KEY",
+            ],
+        )
     return [aligned / f"part-0000{i}-of-00008.jsonl" for i in range(3)]
 
 
@@ -110,7 +174,9 @@ def quality_report(run: Run, work: Path, parts: List[Path], reference: Path) -> 
     import importlib.util
 
     plots = [] if importlib.util.find_spec("matplotlib") else ["--no-plots"]
-    run("align", ["report", "--aligned", *map(str, parts), "--output", str(work / "report"), "--load", str(reference),
-                  *plots])
+    run(
+        "align",
+        ["report", "--aligned", *map(str, parts), "--output", str(work / "report"), "--load", str(reference), *plots],
+    )
     lines = (work / "report" / "report.md").read_text(encoding="utf-8").splitlines()
     print("\n".join(lines[:24]))

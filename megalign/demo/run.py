@@ -3,6 +3,7 @@
 The sample corpus ships inside the package (megalign/demo/data/sample.jsonl) and is read through
 importlib.resources, so the demo runs from an installed wheel as well as from a source checkout.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -89,16 +90,69 @@ def parallel_training(workdir: Path, data_path: str, tokenizer_model: Path) -> N
     save = workdir / "parallel_checkpoints"
     if save.exists():
         shutil.rmtree(save)
-    common = ["--model-preset", "tiny", "--num-layers", "4", "--seq-length", "64", "--micro-batch-size", "2",
-              "--global-batch-size", "8", "--lr", "3e-3", "--min-lr", "3e-4", "--lr-decay-style", "cosine",
-              "--lr-warmup-iters", "5", "--lr-decay-iters", "30", "--data-path", data_path, "--split", "90,10,0",
-              "--tokenizer-type", "SentencePieceTokenizer", "--tokenizer-model", str(tokenizer_model),
-              "--data-cache-path", str(workdir / "index_cache"), "--log-interval", "10", "--eval-iters", "2",
-              "--seed", "1234", "--save", str(save)]
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "4", "-m",
-               "megalign.cli", "train", *common, "--tensor-model-parallel-size", "2", "--pipeline-model-parallel-size",
-               "2", "--sequence-parallel", "--distributed-backend", "gloo", "--train-iters", "20",
-               "--eval-interval", "20"]
+    common = [
+        "--model-preset",
+        "tiny",
+        "--num-layers",
+        "4",
+        "--seq-length",
+        "64",
+        "--micro-batch-size",
+        "2",
+        "--global-batch-size",
+        "8",
+        "--lr",
+        "3e-3",
+        "--min-lr",
+        "3e-4",
+        "--lr-decay-style",
+        "cosine",
+        "--lr-warmup-iters",
+        "5",
+        "--lr-decay-iters",
+        "30",
+        "--data-path",
+        data_path,
+        "--split",
+        "90,10,0",
+        "--tokenizer-type",
+        "SentencePieceTokenizer",
+        "--tokenizer-model",
+        str(tokenizer_model),
+        "--data-cache-path",
+        str(workdir / "index_cache"),
+        "--log-interval",
+        "10",
+        "--eval-iters",
+        "2",
+        "--seed",
+        "1234",
+        "--save",
+        str(save),
+    ]
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node",
+        "4",
+        "-m",
+        "megalign.cli",
+        "train",
+        *common,
+        "--tensor-model-parallel-size",
+        "2",
+        "--pipeline-model-parallel-size",
+        "2",
+        "--sequence-parallel",
+        "--distributed-backend",
+        "gloo",
+        "--train-iters",
+        "20",
+        "--eval-interval",
+        "20",
+    ]
     print("$ " + " ".join(shlex.quote(a) for a in ["torchrun", *command[3:]]), flush=True)
     environment = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
     environment["OMP_NUM_THREADS"] = "1"
@@ -119,8 +173,21 @@ def hf_export(workdir: Path, load: Path, data_path: str, tokenizer_model: Path, 
     out = workdir / "hf_export"
     if out.exists():
         shutil.rmtree(out)
-    _run("convert", ["megalign-to-hf", "--load", str(load), "--hf-dir", str(out), "--dtype", "fp32",
-                     "--vocab-size", str(vocab), "--no-progress"])
+    _run(
+        "convert",
+        [
+            "megalign-to-hf",
+            "--load",
+            str(load),
+            "--hf-dir",
+            str(out),
+            "--dtype",
+            "fp32",
+            "--vocab-size",
+            str(vocab),
+            "--no-progress",
+        ],
+    )
     try:
         import transformers
     except ImportError:
@@ -137,8 +204,10 @@ def hf_export(workdir: Path, load: Path, data_path: str, tokenizer_model: Path, 
         loss_hf = hf(input_ids=batch, labels=batch).loss
         hf_logits = hf(input_ids=batch[:, :-1]).logits
     difference = (logits - hf_logits).abs().max().item()
-    print(f"transformers {type(hf).__name__}: loss {loss_hf.item():.6f}; megalign: loss {loss_ours.item():.6f}; "
-          f"largest logit difference {difference:.2e}")
+    print(
+        f"transformers {type(hf).__name__}: loss {loss_hf.item():.6f}; megalign: loss {loss_ours.item():.6f}; "
+        f"largest logit difference {difference:.2e}"
+    )
     if abs(loss_hf.item() - loss_ours.item()) > 1e-4 or difference > 1e-3:
         raise MegalignError(f"demo step 11: the exported model in {out} disagrees with the megalign checkpoint")
 
@@ -169,8 +238,9 @@ def show_datasets(data_prefixes: List[str], tokenizer_model: Path, cache_dir: Pa
     train, valid, _ = build_gpt_datasets(config, [256, 32, 0])
     if train is None or valid is None:
         raise MegalignError("demo step 4: the 90,10,0 split built no train or no valid dataset")
-    print(f"built train ({len(train)} samples) and valid ({len(valid)} samples) "
-          f"in {time.perf_counter() - started:.2f}s")
+    print(
+        f"built train ({len(train)} samples) and valid ({len(valid)} samples) in {time.perf_counter() - started:.2f}s"
+    )
     started = time.perf_counter()
     build_gpt_datasets(config, [256, 32, 0])
     print(f"rebuilt from the index cache in {time.perf_counter() - started:.2f}s")
@@ -180,8 +250,10 @@ def show_datasets(data_prefixes: List[str], tokenizer_model: Path, cache_dir: Pa
         tokens = sample["tokens"].tolist()
         eods = sum(1 for token in tokens if token == tokenizer.eod)
         text = tokenizer.decode([t for t in tokens if t != tokenizer.eod]).replace("\n", " ")
-        print(f"\ntrain[{index}]: {len(tokens)} tokens, {eods} document boundaries (EOD), "
-              f"loss on {int(sample['loss_mask'].sum())} positions")
+        print(
+            f"\ntrain[{index}]: {len(tokens)} tokens, {eods} document boundaries (EOD), "
+            f"loss on {int(sample['loss_mask'].sum())} positions"
+        )
         print("  " + (text[:300] + " ..." if len(text) > 300 else text))
 
     sampler = PretrainingSampler(
@@ -210,8 +282,19 @@ def run_demo(args: argparse.Namespace, corpus: Path) -> int:
     started = time.perf_counter()
 
     _step("1. Train a tokenizer on the sample corpus")
-    _run("train-tokenizer", ["--input", str(corpus), "--output-dir", str(workdir / "tokenizer"),
-                             "--tokenizer-kind", "sentencepiece", "--vocab-size", str(args.vocab_size)])
+    _run(
+        "train-tokenizer",
+        [
+            "--input",
+            str(corpus),
+            "--output-dir",
+            str(workdir / "tokenizer"),
+            "--tokenizer-kind",
+            "sentencepiece",
+            "--vocab-size",
+            str(args.vocab_size),
+        ],
+    )
     tokenizer_model = workdir / "tokenizer" / "tokenizer.model"
 
     _step("2. Split the corpus by language and tokenize each part into Megatron .bin/.idx")
@@ -219,9 +302,22 @@ def run_demo(args: argparse.Namespace, corpus: Path) -> int:
     prefixes = []
     for part in parts:
         prefix = workdir / "data" / part.stem
-        _run("preprocess", ["--input", str(part), "--output-prefix", str(prefix), "--tokenizer-type",
-                            "SentencePieceTokenizer", "--tokenizer-model", str(tokenizer_model),
-                            "--workers", str(args.workers), "--append-eod"])
+        _run(
+            "preprocess",
+            [
+                "--input",
+                str(part),
+                "--output-prefix",
+                str(prefix),
+                "--tokenizer-type",
+                "SentencePieceTokenizer",
+                "--tokenizer-model",
+                str(tokenizer_model),
+                "--workers",
+                str(args.workers),
+                "--append-eod",
+            ],
+        )
         prefixes.append(f"{prefix}_text_document")
 
     _step("3. Merge the parts into one dataset (as with preprocessing shards)")
@@ -235,15 +331,53 @@ def run_demo(args: argparse.Namespace, corpus: Path) -> int:
     if checkpoints.exists():
         shutil.rmtree(checkpoints)
     half = args.train_iters // 2
-    train_args = ["--model-preset", "tiny", "--seq-length", "64", "--micro-batch-size", "4",
-                  "--global-batch-size", "8", "--lr", "3e-3", "--min-lr", "3e-4", "--lr-decay-style", "cosine",
-                  "--lr-warmup-iters", "10", "--lr-decay-iters", str(args.train_iters),
-                  "--data-path", "0.8", prefixes[0], "0.2", prefixes[1],
-                  "--split", "90,10,0", "--tokenizer-type", "SentencePieceTokenizer",
-                  "--tokenizer-model", str(tokenizer_model), "--data-cache-path", str(workdir / "index_cache"),
-                  "--save", str(checkpoints), "--log-interval", "20", "--eval-interval", str(half),
-                  "--eval-iters", "2", "--seed", "1234", "--recompute-granularity", "selective",
-                  "--tensorboard-dir", str(workdir / "tensorboard")]
+    train_args = [
+        "--model-preset",
+        "tiny",
+        "--seq-length",
+        "64",
+        "--micro-batch-size",
+        "4",
+        "--global-batch-size",
+        "8",
+        "--lr",
+        "3e-3",
+        "--min-lr",
+        "3e-4",
+        "--lr-decay-style",
+        "cosine",
+        "--lr-warmup-iters",
+        "10",
+        "--lr-decay-iters",
+        str(args.train_iters),
+        "--data-path",
+        "0.8",
+        prefixes[0],
+        "0.2",
+        prefixes[1],
+        "--split",
+        "90,10,0",
+        "--tokenizer-type",
+        "SentencePieceTokenizer",
+        "--tokenizer-model",
+        str(tokenizer_model),
+        "--data-cache-path",
+        str(workdir / "index_cache"),
+        "--save",
+        str(checkpoints),
+        "--log-interval",
+        "20",
+        "--eval-interval",
+        str(half),
+        "--eval-iters",
+        "2",
+        "--seed",
+        "1234",
+        "--recompute-granularity",
+        "selective",
+        "--tensorboard-dir",
+        str(workdir / "tensorboard"),
+    ]
     _run("train", [*train_args, "--train-iters", str(half)])
 
     _step("6. Resume from the checkpoint and finish the run (model, optimizer, schedule, data position)")
@@ -253,37 +387,90 @@ def run_demo(args: argparse.Namespace, corpus: Path) -> int:
     _step("7. Parallel training: 4 CPU processes, tensor parallel 2 x pipeline parallel 2, sequence parallel (gloo)")
     parallel_training(workdir, str(workdir / "data" / "all_text_document"), tokenizer_model)
 
-    _step("8. Native alignment: dedup, seed by perplexity, expert annotation over the OpenAI API (a rule-based "
-          "stand-in), worker fine-tuning")
+    _step(
+        "8. Native alignment: dedup, seed by perplexity, expert annotation over the OpenAI API (a rule-based "
+        "stand-in), worker fine-tuning"
+    )
     from megalign.demo import alignment as demo_alignment
 
     align = workdir / "align"
     sft_pairs = demo_alignment.expert_annotation(_run, align, corpus, checkpoints)
-    _run("preprocess", ["--sft", "--input", str(sft_pairs), "--output-prefix", str(align / "worker"),
-                        "--tokenizer-type", "SentencePieceTokenizer", "--tokenizer-model", str(tokenizer_model),
-                        "--workers", str(args.workers)])
+    _run(
+        "preprocess",
+        [
+            "--sft",
+            "--input",
+            str(sft_pairs),
+            "--output-prefix",
+            str(align / "worker"),
+            "--tokenizer-type",
+            "SentencePieceTokenizer",
+            "--tokenizer-model",
+            str(tokenizer_model),
+            "--workers",
+            str(args.workers),
+        ],
+    )
     worker = workdir / "worker_checkpoints"
     if worker.exists():
         shutil.rmtree(worker)
-    _run("train", ["--sft", "--model-preset", "tiny", "--seq-length", "256", "--micro-batch-size", "4",
-                   "--global-batch-size", "8", "--lr", "3e-3", "--lr-warmup-iters", "4", "--train-iters",
-                   str(args.sft_iters), "--data-path", str(align / "worker_sft_document"), "--split",
-                   "90,10,0", "--tokenizer-type", "SentencePieceTokenizer", "--tokenizer-model", str(tokenizer_model),
-                   "--data-cache-path", str(workdir / "index_cache"), "--load", str(checkpoints), "--finetune",
-                   "--save", str(worker), "--log-interval", "10", "--eval-interval", str(args.sft_iters),
-                   "--eval-iters", "2", "--seed", "1234"])
+    _run(
+        "train",
+        [
+            "--sft",
+            "--model-preset",
+            "tiny",
+            "--seq-length",
+            "256",
+            "--micro-batch-size",
+            "4",
+            "--global-batch-size",
+            "8",
+            "--lr",
+            "3e-3",
+            "--lr-warmup-iters",
+            "4",
+            "--train-iters",
+            str(args.sft_iters),
+            "--data-path",
+            str(align / "worker_sft_document"),
+            "--split",
+            "90,10,0",
+            "--tokenizer-type",
+            "SentencePieceTokenizer",
+            "--tokenizer-model",
+            str(tokenizer_model),
+            "--data-cache-path",
+            str(workdir / "index_cache"),
+            "--load",
+            str(checkpoints),
+            "--finetune",
+            "--save",
+            str(worker),
+            "--log-interval",
+            "10",
+            "--eval-interval",
+            str(args.sft_iters),
+            "--eval-iters",
+            "2",
+            "--seed",
+            "1234",
+        ],
+    )
 
-    _step("9. Rewrite the corpus: shard 0 of 8 with the worker in-process, shard 1 through `megalign serve`, "
-          "shard 2 through the stand-in")
+    _step(
+        "9. Rewrite the corpus: shard 0 of 8 with the worker in-process, shard 1 through `megalign serve`, "
+        "shard 2 through the stand-in"
+    )
     parts = demo_alignment.rewrite_corpus(_run, align, worker)
 
     _step("10. Quality report: original vs aligned (perplexity, contact details, toxicity, kept facts)")
     demo_alignment.quality_report(_run, align, parts, checkpoints)
 
     _step("11. Export the TP 2 x PP 2 checkpoint to Hugging Face; transformers gives megalign's loss")
-    hf_export(workdir, workdir / "parallel_checkpoints", str(workdir / "data" / "all_text_document"),
-              tokenizer_model, 64)
+    hf_export(
+        workdir, workdir / "parallel_checkpoints", str(workdir / "data" / "all_text_document"), tokenizer_model, 64
+    )
 
     print(f"\ndemo finished in {time.perf_counter() - started:.1f}s; outputs in {workdir}/", flush=True)
     return 0
-

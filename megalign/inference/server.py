@@ -22,10 +22,10 @@ import time
 import uuid
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Protocol, Sequence, Tuple
 
 from megalign.errors import ConfigError
-from megalign.inference.batching import BatchingEngine, ChatTemplateError
+from megalign.inference.batching import ChatTemplateError
 from megalign.inference.generation import Completion, GenerationParams, PromptTooLongError
 
 __all__ = ["ApiError", "ModelServer", "parse_generation_params"]
@@ -84,6 +84,16 @@ def parse_generation_params(body: Dict[str, Any], default_max_tokens: Optional[i
         raise ApiError(400, str(exc).replace("generation: ", "")) from None
 
 
+class CompletionEngine(Protocol):
+    """What the server generates with: a BatchingEngine, or a stand-in such as the rule-based expert."""
+
+    def generate(self, prompts: Sequence[str], params: GenerationParams) -> List[Completion]: ...
+
+    def chat(self, conversations: Sequence[List[Dict[str, str]]], params: GenerationParams) -> List[Completion]: ...
+
+    def close(self) -> None: ...
+
+
 class ModelServer:
     """Serves ``engine`` as ``model_name`` on ``host:port`` (port 0: any free port).
 
@@ -93,7 +103,7 @@ class ModelServer:
 
     def __init__(
         self,
-        engine: BatchingEngine,
+        engine: CompletionEngine,
         model_name: str,
         host: str = "127.0.0.1",
         port: int = 8000,

@@ -23,14 +23,22 @@ Finished rows are dropped with :meth:`KVCache.select` so later steps compute onl
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Dict, Optional, Tuple
+from typing import Any, Dict, Iterator, Optional, Protocol, Tuple
 
 import torch
 
-if TYPE_CHECKING:
-    from megalign.model.decoder import GPTModel
-
 __all__ = ["KVCache", "LayerCache"]
+
+
+class CachedModel(Protocol):
+    """What a cache is shaped from: a GPTModel or pipeline stage (its parameters and numbered decoder layers).
+    A protocol, so that this module, which the decoder imports, does not import the decoder."""
+
+    layers: Any  # nn.ModuleDict of decoder layers, keyed by global layer number
+
+    def parameters(self) -> Iterator[torch.nn.Parameter]: ...
+
+    def decoder_layer(self, index: int) -> Any: ...
 
 
 class LayerCache:
@@ -82,7 +90,7 @@ class KVCache:
     @classmethod
     def for_model(
         cls,
-        model: GPTModel,
+        model: CachedModel,
         batch_size: int,
         max_length: int,
         dtype: Optional[torch.dtype] = None,

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass, field
-from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterator, List, Optional, Protocol, Sequence, Tuple, cast
 
 import torch
 import torch.distributed as dist
@@ -39,6 +39,12 @@ __all__ = ["Bucket", "DataParallelGrads", "GradBuffer", "ParamSlot", "default_bu
 # torch >= 2.13 renamed the tensor collectives; older versions only have the *_tensor names.
 _reduce_scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
 _all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+
+
+class _WithMainGrad(Protocol):
+    """A parameter carrying the ``main_grad`` attribute DataParallelGrads attaches (a view into a buffer)."""
+
+    main_grad: torch.Tensor
 
 
 def default_bucket_size(dp_size: int, overlap_grad_reduce: bool) -> Optional[int]:
@@ -169,7 +175,7 @@ class DataParallelGrads:
         for buffer in self.buffers:
             for slot in buffer.slots:
                 self.slots[id(slot.param)] = slot
-                slot.param.main_grad = buffer.data[slot.start : slot.end].view(slot.param.shape)
+                cast(_WithMainGrad, slot.param).main_grad = buffer.data[slot.start : slot.end].view(slot.param.shape)
         self._order = [bucket for buffer in self.buffers for bucket in buffer.buckets]
         self._next = 0  # index in _order of the next bucket to launch
         self._sync = True
@@ -206,7 +212,7 @@ class DataParallelGrads:
                 f"gradient of {slot.name} arrived after its bucket's collective was launched: with "
                 "overlap_grad_reduce, run every micro-batch but the last inside no_sync()"
             )
-        param.main_grad.add_(param.grad)
+        cast(_WithMainGrad, param).main_grad.add_(param.grad)  # a managed parameter: main_grad attached
         param.grad = None
         if self.overlap_grad_reduce and self._sync:
             slot.bucket.pending -= 1

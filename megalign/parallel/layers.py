@@ -90,7 +90,7 @@ def _sharded_parameter(
     else:
         init(full)
     piece = shard(full, axis, context.tensor_model_parallel_size, context.tensor_model_parallel_rank, replicas)
-    return mark_tensor_parallel(nn.Parameter(piece), axis, replicas)  # type: ignore[return-value]
+    return mark_tensor_parallel(nn.Parameter(piece), axis, replicas)
 
 
 def column_parallel_input(x: torch.Tensor, context: ParallelContext) -> torch.Tensor:
@@ -204,7 +204,8 @@ class ColumnParallelLinear(nn.Module):
     def forward(self, x: torch.Tensor, input_prepared: bool = False) -> torch.Tensor:
         """``x`` ``[..., input_size]`` → ``[..., output_size / tp]`` (``[..., output_size]`` when gathered);
         ``input_prepared``: ``x`` already went through :func:`column_parallel_input`."""
-        weight, bias = self.weight, self.bias
+        weight: torch.Tensor = self.weight
+        bias: Optional[torch.Tensor] = self.bias
         if self._replica_group is not None:
             weight = all_reduce_gradient(weight, self._replica_group)
             bias = None if bias is None else all_reduce_gradient(bias, self._replica_group)

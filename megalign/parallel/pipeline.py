@@ -161,7 +161,9 @@ def run_schedule(
 
     def receive(source: int, tag: int) -> torch.Tensor:
         buffer = torch.empty(activation_shape, dtype=dtype, device=device)
-        dist.irecv(buffer, src=source, group=spec.group, tag=tag).wait()
+        work = dist.irecv(buffer, src=source, group=spec.group, tag=tag)
+        assert work is not None  # irecv returns None only on a rank outside the group, and this rank is in it
+        work.wait()
         return buffer
 
     last_backward = max((i for i, a in enumerate(actions) if a.kind == "B"), default=-1)
@@ -196,6 +198,8 @@ def run_schedule(
             with backward_context(position == last_backward) if backward_context else nullcontext():
                 torch.autograd.backward(y, grad_tensors=grad)
             if stage > 0:
+                # x was received (stage > 0) with requires_grad, so the backward pass filled x.grad.
+                assert x is not None and x.grad is not None
                 previous_chunk = action.chunk - (1 if spec.rank == 0 else 0)
                 sends.append(
                     dist.isend(
@@ -226,6 +230,6 @@ def sum_tied_embedding_grads(models: Sequence[torch.nn.Module], embedding_group:
             continue
         if stage.first and stage.last:
             continue  # the whole model on one stage: one copy only
-        weight = model.embed_tokens.weight
+        weight = model.get_parameter("embed_tokens.weight")
         grad = weight.main_grad if hasattr(weight, "main_grad") else weight.grad
         dist.all_reduce(grad, group=embedding_group)

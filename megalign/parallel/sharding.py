@@ -16,7 +16,7 @@ state dict → this rank's shards) and :func:`gather_state_dict` (shards → ful
 
 from __future__ import annotations
 
-from typing import Dict, Mapping, Optional
+from typing import Dict, Mapping, Optional, Protocol, TypeVar, cast
 
 import torch
 import torch.distributed as dist
@@ -36,10 +36,21 @@ __all__ = [
 ]
 
 
-def mark_tensor_parallel(param: torch.Tensor, axis: Optional[int], replicas: int = 1) -> torch.Tensor:
+_T = TypeVar("_T", bound=torch.Tensor)
+
+
+class _TensorParallelMarks(Protocol):
+    """The two attributes mark_tensor_parallel attaches to a tensor."""
+
+    tensor_parallel_axis: Optional[int]
+    tensor_parallel_replicas: int
+
+
+def mark_tensor_parallel(param: _T, axis: Optional[int], replicas: int = 1) -> _T:
     """Record how ``param`` is split (see the module docstring); returns ``param``."""
-    param.tensor_parallel_axis = axis  # type: ignore[attr-defined]
-    param.tensor_parallel_replicas = replicas  # type: ignore[attr-defined]
+    marks = cast(_TensorParallelMarks, param)
+    marks.tensor_parallel_axis = axis
+    marks.tensor_parallel_replicas = replicas
     return param
 
 

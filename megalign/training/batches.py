@@ -59,8 +59,9 @@ def micro_batches(
 
 
 def model_inputs(batch: Mapping[str, torch.Tensor], device: torch.device) -> Dict[str, torch.Tensor]:
-    """The keyword arguments of ``GPTModel.forward`` present in ``batch``, moved to ``device``."""
-    return {key: batch[key].to(device) for key in MODEL_INPUTS if key in batch}
+    """The keyword arguments of ``GPTModel.forward`` present in ``batch``, moved to ``device`` (asynchronously
+    from the DataLoader's pinned memory on a GPU)."""
+    return {key: batch[key].to(device, non_blocking=True) for key in MODEL_INPUTS if key in batch}
 
 
 def take(iterator: Iterator[Dict[str, torch.Tensor]], count: int, what: str) -> List[Dict[str, torch.Tensor]]:

@@ -67,44 +67,10 @@ class LRSchedule:
     ``weight_decay = wd_at(step) * group.get("wd_mult", 1)``.
     """
 
-    def __init__(
-        self,
-        lr: float,
-        *,
-        min_lr: float = 0.0,
-        lr_warmup_iters: float = 0,
-        lr_warmup_fraction: Optional[float] = None,
-        lr_warmup_init: float = 0.0,
-        lr_decay_iters: Optional[int] = None,
-        train_iters: Optional[int] = None,
-        lr_decay_style: str = "linear",
-        lr_wsd_decay_iters: Optional[float] = None,
-        lr_wsd_decay_fraction: Optional[float] = None,
-        lr_wsd_decay_style: str = "exponential",
-        weight_decay: float = 0.0,
-        start_weight_decay: Optional[float] = None,
-        end_weight_decay: Optional[float] = None,
-        weight_decay_incr_style: str = "constant",
-    ) -> None:
-        self._adopt(
-            LRScheduleSettings.resolve(
-                lr,
-                min_lr=min_lr,
-                lr_warmup_iters=lr_warmup_iters,
-                lr_warmup_fraction=lr_warmup_fraction,
-                lr_warmup_init=lr_warmup_init,
-                lr_decay_iters=lr_decay_iters,
-                train_iters=train_iters,
-                lr_decay_style=lr_decay_style,
-                lr_wsd_decay_iters=lr_wsd_decay_iters,
-                lr_wsd_decay_fraction=lr_wsd_decay_fraction,
-                lr_wsd_decay_style=lr_wsd_decay_style,
-                weight_decay=weight_decay,
-                start_weight_decay=start_weight_decay,
-                end_weight_decay=end_weight_decay,
-                weight_decay_incr_style=weight_decay_incr_style,
-            )
-        )
+    def __init__(self, lr: float, **settings: Any) -> None:
+        """``settings``: the keywords of :meth:`LRScheduleSettings.resolve` (Megatron's flag destinations:
+        ``min_lr``, ``lr_warmup_iters``, ``lr_decay_style``, ``train_iters``, ...)."""
+        self._adopt(LRScheduleSettings.resolve(lr, **settings))
         self.num_steps = 0
 
     @classmethod

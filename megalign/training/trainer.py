@@ -109,12 +109,15 @@ class Trainer:
         self.train_iters, self.num_microbatches = config.train_iters, config.num_microbatches
         self.global_batch_size = config.global_batch_size
         self.seq_length = config.seq_length
+        workers = config.data.num_workers
+        self.num_workers = workers if workers is not None else (2 if self.device.type == "cuda" else 0)
         self.iteration = 0
         self.consumed_samples = 0
 
         torch.manual_seed(config.misc.seed)
         self.tokenizer, vocab_size = self._build_tokenizer()
         self.train_data, self.valid_data = self._build_datasets()
+        self._log(f"data loader: {self.num_workers} worker processes (--num-workers)")
         self.model = self._build_model(vocab_size)
         self.checkpoints = CheckpointIO(self.model, self.state, self._log, config.checkpointing)
         self.checkpoint = self._open_checkpoint()
@@ -262,7 +265,7 @@ class Trainer:
             self.config.micro_batch_size,
             self.state.data_parallel_rank,
             self.state.data_parallel_size,
-            num_workers=self.config.data.num_workers,
+            num_workers=self.num_workers,
             pin_memory=self.device.type == "cuda",
         )
 

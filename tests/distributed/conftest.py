@@ -44,7 +44,9 @@ def run_distributed(tmp_path: Path, fn: Callable[..., Any], world_size: int, *ar
     results = context.Queue()
     # a fresh rendezvous file per job: a test that runs two jobs must not read the first job's addresses
     store = tmp_path / f"store-{uuid.uuid4().hex}"
-    processes = [context.Process(target=_child, args=(rank, world_size, str(store), results, fn, args), daemon=True)
+    # not daemonic: a rank, like a torchrun worker, may start processes of its own (DataLoader workers); the
+    # finally below joins or kills every rank
+    processes = [context.Process(target=_child, args=(rank, world_size, str(store), results, fn, args))
                  for rank in range(world_size)]
     for process in processes:
         process.start()

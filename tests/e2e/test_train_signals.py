@@ -106,8 +106,10 @@ def test_sigkill_then_load_continues_exactly(data_prefix: str, sentencepiece_mod
     assert sorted(reference) == list(range(1, total + 1))
 
     save = tmp_path / "ckpt"
+    # the killed and the resumed run read through 2 DataLoader worker processes, the reference through none:
+    # the losses may not depend on it, and the killed run's workers must not outlive it
     argv = _argv(data_prefix, sentencepiece_model, tmp_path / "cache", total, "--save", str(save),
-                 "--save-interval", str(interval))
+                 "--save-interval", str(interval), "--num-workers", "2")
     crashed = _start(argv, tmp_path)
     _wait_for(crashed, lambda: (read_latest_step(save) or 0) >= interval)
     crashed.kill()

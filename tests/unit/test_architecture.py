@@ -22,7 +22,7 @@ ALLOWED: Dict[str, Set[str]] = {
     "parallel": {"config", "ops", "errors"},
     "checkpoint": {"config", "parallel", "errors", "utils"},
     "model": {"config", "ops", "parallel", "errors"},
-    "inference": {"checkpoint", "model", "ops", "data", "config", "errors", "utils"},
+    "inference": {"checkpoint", "model", "parallel", "ops", "data", "config", "errors", "utils"},
     "align": {"inference", "data", "config", "errors", "utils"},
     "training": {"checkpoint", "model", "parallel", "data", "config", "ops", "errors", "utils"},
     "convert": {"checkpoint", "model", "data", "config", "errors", "utils"},
