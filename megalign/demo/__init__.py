@@ -22,7 +22,8 @@ the training datasets through the Python API and prints decoded samples. Steps s
      rule-based stand-in, so that the report shows what a good worker changes   (megalign align rewrite)
  10. the quality report: original vs aligned                                     (megalign align report)
  11. export the checkpoint trained at TP 2 x PP 2 as a Hugging Face folder and check that transformers
-     gives the same loss as megalign on a batch          (megalign convert megalign-to-hf)
+     gives the same loss as megalign on a batch; the folder loaded back directly (--hf-dir) gives the
+     same logits                                          (megalign convert megalign-to-hf)
 """
 
 from __future__ import annotations

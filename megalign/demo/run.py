@@ -167,7 +167,7 @@ def hf_export(workdir: Path, load: Path, data_path: str, tokenizer_model: Path, 
 
     from megalign.data.indexed_dataset import IndexedDataset
     from megalign.data.tokenizers import build_tokenizer
-    from megalign.inference.model_loading import load_model
+    from megalign.inference.model_loading import load_hf_model, load_model
 
     vocab = build_tokenizer("SentencePieceTokenizer", str(tokenizer_model)).vocab_size
     out = workdir / "hf_export"
@@ -210,6 +210,13 @@ def hf_export(workdir: Path, load: Path, data_path: str, tokenizer_model: Path, 
     )
     if abs(loss_hf.item() - loss_ours.item()) > 1e-4 or difference > 1e-3:
         raise MegalignError(f"demo step 11: the exported model in {out} disagrees with the megalign checkpoint")
+    # the folder loaded straight into megalign, as `--hf-dir` does for align seed/report/rewrite and serve
+    direct = load_hf_model(out, tokenizer_type="SentencePieceTokenizer", tokenizer_model=str(tokenizer_model))
+    with torch.no_grad():
+        direct_difference = (direct.model(batch[:, :-1])[..., :vocab] - logits).abs().max().item()
+    print(f"megalign --hf-dir {out.name}: largest logit difference from the checkpoint {direct_difference:.2e}")
+    if direct_difference > 1e-4:
+        raise MegalignError(f"demo step 11: {out} loaded with --hf-dir disagrees with the megalign checkpoint")
 
 
 def show_datasets(data_prefixes: List[str], tokenizer_model: Path, cache_dir: Path, sequence_length: int) -> None:
@@ -467,7 +474,10 @@ def run_demo(args: argparse.Namespace, corpus: Path) -> int:
     _step("10. Quality report: original vs aligned (perplexity, contact details, toxicity, kept facts)")
     demo_alignment.quality_report(_run, align, parts, checkpoints)
 
-    _step("11. Export the TP 2 x PP 2 checkpoint to Hugging Face; transformers gives megalign's loss")
+    _step(
+        "11. Export the TP 2 x PP 2 checkpoint to Hugging Face; transformers gives megalign's loss, and so does "
+        "the folder loaded back with --hf-dir"
+    )
     hf_export(
         workdir, workdir / "parallel_checkpoints", str(workdir / "data" / "all_text_document"), tokenizer_model, 64
     )

@@ -24,6 +24,7 @@ def test_demo_runs_end_to_end(tmp_path: Path, repo_root: Path) -> None:
                  "9. Rewrite the corpus", "serving ", "rewrite: 46 records (46 rewritten)",
                  "10. Quality report", "| urls |",
                  "11. Export the TP 2 x PP 2 checkpoint", "transformers LlamaForCausalLM: loss",
+                 "megalign --hf-dir hf_export: largest logit difference",
                  "demo finished"):
         assert step in out
     assert (workdir / "tokenizer" / "tokenizer.model").is_file()
