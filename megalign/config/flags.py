@@ -14,7 +14,7 @@ import dataclasses
 import math
 import typing
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, List, Optional, Sequence, Tuple
 
 from megalign.errors import ConfigError
 
@@ -229,8 +229,3 @@ def flags_markdown(sections: Sequence[Tuple[str, str]], flags: Sequence[Flag]) -
             lines.append(f"| `{flag.name}` | {_default_text(flag)} | {text} |")
         lines.append("")
     return "\n".join(lines)
-
-
-def flag_table(flags: Sequence[Flag]) -> Dict[str, Flag]:
-    """``{dest: flag}``."""
-    return {flag.dest: flag for flag in flags}

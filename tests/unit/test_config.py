@@ -312,3 +312,36 @@ def test_parallel_layout_derives_data_parallel_size(monkeypatch: pytest.MonkeyPa
     monkeypatch.setenv("WORLD_SIZE", "two")
     with pytest.raises(ConfigError, match="WORLD_SIZE='two' is not an integer"):
         _load()
+
+
+
+def _config_of(section_fields: list, title: str = "Extra") -> type:
+    """A config with one section made of ``section_fields`` ((name, type, field) triples), as a module would
+    declare it (make_dataclass keeps the real types, so no annotation strings need resolving here)."""
+    import dataclasses
+
+    section = dataclasses.make_dataclass("ExtraSection", section_fields, namespace={"title": title})
+    return dataclasses.make_dataclass("Config", [("extra", section, dataclasses.field(default_factory=section))])
+
+
+def test_a_new_flag_is_one_field_with_its_help() -> None:
+    """Declaring a section field with setting() makes it a flag: parser, value checks and docs come from it."""
+    import dataclasses
+    from typing import Dict, Optional
+
+    from megalign.config.flags import add_flag_arguments, collect_flags, setting
+    from megalign.config.flags import flags_markdown as markdown
+
+    config = _config_of([("warmup_tokens", Optional[int], setting(None, "Tokens to warm up on.", minimum=1))])
+    sections, flags = collect_flags(config)
+    assert sections == (("extra", "Extra"),) and [f.name for f in flags] == ["--warmup-tokens"]
+    parser = argparse.ArgumentParser()
+    add_flag_arguments(parser, sections, flags)
+    assert parser.parse_args(["--warmup-tokens", "5"]).warmup_tokens == 5
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--warmup-tokens", "0"])
+    assert "| `--warmup-tokens` | - | Tokens to warm up on. |" in markdown(sections, flags)
+    with pytest.raises(TypeError, match="typed int, float, str, bool or List"):
+        collect_flags(_config_of([("table", Dict[str, int], setting(None, "Not a flag kind."))]))
+    with pytest.raises(TypeError, match="declare settings with"):
+        collect_flags(_config_of([("value", int, dataclasses.field(default=3))]))
