@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional
+from typing import Any, Dict, Optional
 
 from megalign.config.sections import DECAY_STYLES, WSD_DECAY_STYLES, OptimizationSection
 from megalign.errors import ConfigError
 
-__all__ = ["LRScheduleSettings", "WD_INCR_STYLES"]
+__all__ = ["LRScheduleSettings", "WD_INCR_STYLES", "section_options"]
 
 WD_INCR_STYLES = ("constant", "linear", "cosine")
 
@@ -110,22 +110,7 @@ class LRScheduleSettings:
     @classmethod
     def from_section(cls, optimization: OptimizationSection, train_iters: int) -> "LRScheduleSettings":
         """The settings of a run: its optimization flags and its number of optimizer steps."""
-        opt = optimization
-        if opt.lr is None:
-            raise ConfigError("--lr is required")
-        return cls.resolve(
-            opt.lr,
-            min_lr=opt.min_lr,
-            lr_warmup_iters=opt.lr_warmup_iters,
-            lr_warmup_fraction=opt.lr_warmup_fraction,
-            lr_warmup_init=opt.lr_warmup_init,
-            lr_decay_iters=opt.lr_decay_iters,
-            train_iters=train_iters,
-            lr_decay_style=opt.lr_decay_style,
-            lr_wsd_decay_iters=opt.lr_wsd_decay_iters,
-            lr_wsd_decay_style=opt.lr_wsd_decay_style,
-            weight_decay=opt.weight_decay,
-        )
+        return cls.resolve(**section_options(optimization, train_iters))
 
     def validate(self) -> None:
         """Check every setting; raise ConfigError naming the flag and the constraint that failed."""
@@ -175,3 +160,23 @@ class LRScheduleSettings:
             )
         if self.wd_incr_steps <= 0:
             raise ConfigError(f"--train-iters {self.wd_incr_steps} must be > 0")
+
+
+def section_options(optimization: OptimizationSection, train_iters: int) -> Dict[str, Any]:
+    """The :meth:`LRScheduleSettings.resolve` keywords of a run: its optimization flags and its steps."""
+    opt = optimization
+    if opt.lr is None:
+        raise ConfigError("--lr is required")
+    return dict(
+        lr=opt.lr,
+        min_lr=opt.min_lr,
+        lr_warmup_iters=opt.lr_warmup_iters,
+        lr_warmup_fraction=opt.lr_warmup_fraction,
+        lr_warmup_init=opt.lr_warmup_init,
+        lr_decay_iters=opt.lr_decay_iters,
+        train_iters=train_iters,
+        lr_decay_style=opt.lr_decay_style,
+        lr_wsd_decay_iters=opt.lr_wsd_decay_iters,
+        lr_wsd_decay_style=opt.lr_wsd_decay_style,
+        weight_decay=opt.weight_decay,
+    )

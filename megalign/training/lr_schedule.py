@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 from typing import Any, Dict, Mapping, Optional
 
-from megalign.config.lr_settings import LRScheduleSettings
+from megalign.config.lr_settings import LRScheduleSettings, section_options
 from megalign.config.sections import OptimizationSection
 from megalign.errors import ConfigError, DataFormatError
 
@@ -76,10 +76,7 @@ class LRSchedule:
     @classmethod
     def from_config(cls, optimization: OptimizationSection, train_iters: int) -> "LRSchedule":
         """The schedule of a run: its optimization section and its number of optimizer steps."""
-        schedule = cls.__new__(cls)
-        schedule._adopt(LRScheduleSettings.from_section(optimization, train_iters))
-        schedule.num_steps = 0
-        return schedule
+        return cls(**section_options(optimization, train_iters))
 
     def _adopt(self, settings: LRScheduleSettings) -> None:
         """Take every setting of ``settings`` as an attribute (what lr_at, wd_at and state_dict read)."""

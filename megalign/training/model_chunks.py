@@ -95,7 +95,7 @@ class ModelChunks(nn.Module):
         raw_losses: List[torch.Tensor],
     ) -> Callable[[int, Optional[torch.Tensor], int], torch.Tensor]:
         def forward_step(chunk: int, x: Optional[torch.Tensor], m: int) -> torch.Tensor:
-            model = self.models[chunk]
+            model = cast(GPTModel, self.chunks[chunk])  # once per micro-batch: no list of all chunks
             out = model(**batches.model_inputs(micro[m], device), hidden_states=x)
             if not model.stage.last:
                 return out

@@ -141,8 +141,7 @@ class Trainer:
         from megalign.data.tokenizers import build_tokenizer, padded_vocab_size
 
         d = self.config.data
-        if d.tokenizer_type is None:
-            raise ConfigError("--tokenizer-type is required for training (with --tokenizer-model where it needs one)")
+        assert d.tokenizer_type is not None  # check_data_flags requires it before anything is built
         tokenizer = build_tokenizer(d.tokenizer_type, d.tokenizer_model, vocab_size=self.config.model.vocab_size)
         padded = padded_vocab_size(
             tokenizer.vocab_size, d.make_vocab_size_divisible_by, self.config.parallel.tensor_model_parallel_size
