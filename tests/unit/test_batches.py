@@ -2,6 +2,7 @@
 number of worker processes, and a stream started at consumed_samples continues the uninterrupted one."""
 from __future__ import annotations
 
+import os
 from typing import Dict, List
 
 import pytest
@@ -18,7 +19,7 @@ class CountingDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, index: int) -> Dict[str, torch.Tensor]:
         tokens = torch.arange(index * 8, index * 8 + 8)
-        return {"tokens": tokens, "labels": tokens + 1}
+        return {"tokens": tokens, "labels": tokens + 1, "reader": torch.tensor(os.getpid())}
 
 
 def _take(stream, count: int) -> List[Dict[str, torch.Tensor]]:
@@ -33,8 +34,10 @@ def test_workers_give_the_same_stream_as_the_training_process(workers: int) -> N
         got = _take(micro_batches(dataset, 4, 2, data_parallel_rank=rank, data_parallel_size=2, num_workers=workers), 6)
         for want, have in zip(expected, got):
             assert set(want) == set(have)
-            for key in want:
+            for key in ("tokens", "labels"):
                 assert torch.equal(want[key], have[key])
+            assert set(want["reader"].tolist()) == {os.getpid()}  # no workers: read in this process
+            assert os.getpid() not in set(have["reader"].tolist())  # read by a DataLoader worker process
     first = next(micro_batches(dataset, 4, 2, data_parallel_rank=1, data_parallel_size=2, num_workers=workers))
     assert first["tokens"][:, 0].tolist() == [6 * 8, 7 * 8]  # samples 6, 7: rank 1's half of global batch 4..7
 
