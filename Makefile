@@ -14,19 +14,20 @@ PYTEST_ARGS ?=
 
 install: $(STAMP)
 
-# A venv that sees the system's packages when the system Python already has torch (GPU users keep
-# their CUDA build); otherwise an isolated venv with the CPU build torch==2.13.0.
+# A venv that sees the system's packages when the system Python already has torch >= 2.6 (megalign's
+# floor, MIN_TORCH; GPU users keep their CUDA build); otherwise an isolated venv with the CPU build torch==2.13.0.
+TORCH_OK = import sys, torch; sys.exit(tuple(int(p) for p in torch.__version__.split('+')[0].split('.')[:2]) < (2, 6))
 $(STAMP): setup.py pyproject.toml csrc/helpers.cpp $(wildcard csrc/dataset_index/*.h) $(wildcard csrc/bpe/*.h)
 	@if [ ! -x "$(PY)" ]; then \
-	  if $(PYTHON) -c "import torch" >/dev/null 2>&1; then \
-	    echo "[make] system torch found: creating $(VENV) with --system-site-packages"; \
+	  if $(PYTHON) -c "$(TORCH_OK)" >/dev/null 2>&1; then \
+	    echo "[make] system torch >= 2.6 found: creating $(VENV) with --system-site-packages"; \
 	    $(PYTHON) -m venv --system-site-packages $(VENV); \
 	  else \
 	    $(PYTHON) -m venv $(VENV); \
 	  fi; \
 	fi
 	$(PY) -m pip install --quiet --upgrade pip setuptools wheel pybind11
-	@$(PY) -c "import torch" >/dev/null 2>&1 || { echo "[make] no torch importable: installing torch==2.13.0"; \
+	@$(PY) -c "$(TORCH_OK)" >/dev/null 2>&1 || { echo "[make] no torch >= 2.6 importable: installing torch==2.13.0"; \
 	  $(PY) -m pip install --quiet torch==2.13.0; }
 	$(PY) -m pip install --quiet --no-build-isolation -e ".[dev,hf,report]"
 	@touch $(STAMP)

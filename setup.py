@@ -63,7 +63,7 @@ setup(
     cmdclass={"build_ext": BuildExtWithClearErrors},
     install_requires=[
         # A range, so an existing CUDA or CPU torch is kept (the Makefile installs 2.13.0 CPU if none).
-        "torch>=2.1,<3",
+        "torch>=2.6,<3",  # megalign.MIN_TORCH: tests/unit/test_torch_floor.py keeps the two equal
         "numpy>=1.24",
         "sentencepiece>=0.1.99",
         "tokenizers>=0.15",

@@ -4,24 +4,35 @@ Who writes what (the format is in format.py):
 
 * model shards: the data-parallel rank 0 of every (tensor, pipeline) position writes
   ``model_tp{t}_pp{p}.safetensors`` with its tensors under their global names;
-* optimizer state (fp32 masters, moments): the same ranks write ``optim_tp{t}_pp{p}_dp0.safetensors``
-  (the optimizers hand over whole, unsharded-over-DP tensors, so one data-parallel copy suffices);
+* optimizer state of the plain optimizer (fp32 masters, moments: whole TP-local tensors, the same on every
+  data-parallel rank): the same ranks write ``optim_tp{t}_pp{p}_dp0.safetensors``;
+* optimizer state of the distributed optimizer: EVERY data-parallel rank ``d`` writes
+  ``optim_tp{t}_pp{p}_dp{d}.safetensors`` with only the flat slices it owns (:class:`FlatShard`, 1-D, under
+  the global name; flat-sharded tensors of format.py) and its bucket layout; data-parallel rank 0 adds the
+  0-d step counts. Nothing is gathered: a rank writes its own shard, one tensor at a time;
 * RNG states: every rank writes ``rng_rank{r}.safetensors``.
 
 A tensor split over tensor parallelism is stored as ``parts`` slices along its split axis; ``parts`` and
 this rank's part follow from the local and global shapes (``global / local`` parts; ranks holding the
 same part, such as replicated key/value heads, are replicas of it). Replicated tensors (norm weights) are
-stored by tensor rank 0 only. Rank 0 gathers every rank's tensor specs, writes ``metadata.json`` and
+stored by tensor rank 0 only; flat optimizer slices by the first tensor rank of each part only.
+
+:func:`read_local_shard` reads this rank's TP-local tensor, or only a flat range of it (what a
+distributed-optimizer rank owns), from either kind of storage, touching only the stored rows that range
+covers. Vocabulary tensors (``VOCAB_TENSORS``) may have other rows than the loading model: the rows both
+have are copied, the model's extra rows are zero. Rank 0 gathers every rank's tensor specs, writes ``metadata.json`` and
 installs the directory; ``latest_checkpointed_iteration.txt`` moves only after every rank has finished
 (barriers around it), so a crash leaves the previous checkpoint in place.
 """
 
 from __future__ import annotations
 
+import math
 import shutil
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
@@ -30,6 +41,7 @@ from megalign.checkpoint.format import (
     FORMAT_NAME,
     FORMAT_VERSION,
     LATEST_FILE,
+    FlatPiece,
     ShardSpec,
     TensorSpec,
     dtype_name,
@@ -37,6 +49,7 @@ from megalign.checkpoint.format import (
     model_file_name,
     optim_file_name,
     rng_file_name,
+    vocab_rows_may_differ,
 )
 from megalign.checkpoint.storage import (
     Checkpoint,
@@ -47,10 +60,24 @@ from megalign.checkpoint.storage import (
     write_metadata,
     write_safetensors,
 )
+from megalign.errors import DataFormatError
 from megalign.parallel.state import ParallelState
 from megalign.utils.atomic import atomic_write, install_directory
 
-__all__ = ["local_part", "read_local_shard", "save_sharded_checkpoint"]
+__all__ = ["FlatShard", "local_part", "read_local_shard", "save_sharded_checkpoint"]
+
+
+@dataclass(frozen=True)
+class FlatShard:
+    """Flat elements ``[start, stop)`` of a TP-local tensor of shape ``local_shape`` (``tensor``: 1-D, those
+    elements), owned by this data-parallel rank; ``bucket`` / ``offset``: its gradient bucket and position."""
+
+    tensor: torch.Tensor
+    local_shape: Tuple[int, ...]
+    start: int
+    stop: int
+    bucket: Optional[int] = None
+    offset: Optional[int] = None
 
 
 def local_part(
@@ -102,6 +129,54 @@ def _specs(
     return specs
 
 
+def _flat_specs(
+    shards: Mapping[str, FlatShard], fname: str, global_shapes: Mapping[str, Tuple[int, ...]], state: ParallelState
+) -> Dict[str, Dict[str, Any]]:
+    specs = {}
+    for name, shard in shards.items():
+        if name not in global_shapes:
+            raise ValueError(f"optimizer tensor {name!r} has no global shape; is it a parameter of this model?")
+        if tuple(shard.tensor.shape) != (shard.stop - shard.start,):
+            raise ValueError(
+                f"flat shard {name!r} holds {tuple(shard.tensor.shape)}, not [{shard.start}, {shard.stop})"
+            )
+        axis, parts, part = local_part(
+            shard.local_shape,
+            tuple(global_shapes[name]),
+            state.tensor_model_parallel_rank,
+            state.tensor_model_parallel_size,
+        )
+        specs[name] = {
+            "group": "optimizer",
+            "shape": list(global_shapes[name]),
+            "dtype": dtype_name(shard.tensor.dtype),
+            "axis": axis,
+            "parts": parts,
+            "flat": {
+                "file": fname,
+                "part": part,
+                "start": shard.start,
+                "stop": shard.stop,
+                "bucket": shard.bucket,
+                "offset": shard.offset,
+            },
+        }
+    return specs
+
+
+def _first_holder(
+    shards: Mapping[str, FlatShard], global_shapes: Mapping[str, Tuple[int, ...]], state: ParallelState
+) -> Dict[str, FlatShard]:
+    """The flat shards this rank stores: those of the first tensor rank holding each part (no replicas)."""
+    mine = {}
+    tp_rank, tp_size = state.tensor_model_parallel_rank, state.tensor_model_parallel_size
+    for name, shard in shards.items():
+        _, parts, _ = local_part(shard.local_shape, tuple(global_shapes.get(name, shard.local_shape)), tp_rank, tp_size)
+        if tp_rank % (tp_size // parts) == 0:
+            mine[name] = shard
+    return mine
+
+
 def _mine(
     tensors: Mapping[str, torch.Tensor], global_shapes: Mapping[str, Tuple[int, ...]], state: ParallelState
 ) -> Dict[str, torch.Tensor]:
@@ -118,6 +193,12 @@ def _merge(gathered: List[Dict[str, Dict[str, Any]]]) -> Dict[str, TensorSpec]:
             spec = merged.setdefault(
                 name, TensorSpec(name, s["group"], tuple(s["shape"]), s["dtype"], s["axis"], s["parts"])
             )
+            if "flat" in s:
+                f = s["flat"]
+                spec.flat = (spec.flat or []) + [
+                    FlatPiece(f["file"], f["part"], f["start"], f["stop"], f["bucket"], f["offset"])
+                ]
+                continue
             shard = s["shard"]
             spec.shards.append(ShardSpec(shard["file"], shard["part"], shard["start"], shard["stop"]))
     return merged
@@ -136,6 +217,8 @@ def save_sharded_checkpoint(
     optimizer_state: Mapping[str, torch.Tensor],
     global_shapes: Mapping[str, Tuple[int, ...]],
     *,
+    optimizer_shards: Optional[Mapping[str, FlatShard]] = None,
+    bucket_layout: Optional[Sequence[Mapping[str, Any]]] = None,
     config: Optional[Mapping[str, Any]] = None,
     consumed_samples: int = 0,
     extra: Optional[Mapping[str, Any]] = None,
@@ -144,6 +227,9 @@ def save_sharded_checkpoint(
     """Collective: every rank calls this with its local tensors (global names); returns the checkpoint path.
 
     ``global_shapes`` maps every model and optimizer tensor name to its shape in the unsplit model.
+    ``optimizer_shards`` (distributed optimizer): this data-parallel rank's flat slices, written by every
+    rank into its own ``optim_tp{t}_pp{p}_dp{d}`` file with ``bucket_layout`` recorded; ``optimizer_state``
+    then holds what is the same on all data-parallel ranks (step counts), written by rank 0 of them.
     """
     root = Path(save_dir)
     tmp_name = [f".{iter_dir_name(step)}.tmp-{uuid.uuid4().hex}"]
@@ -157,21 +243,26 @@ def save_sharded_checkpoint(
     t, p = state.tensor_model_parallel_rank, state.pipeline_model_parallel_rank
     files: Dict[str, Dict[str, Any]] = {}
     specs: Dict[str, Dict[str, Any]] = {}
+    d = state.data_parallel_rank
     try:
-        if state.data_parallel_rank == 0:
-            for group, tensors, fname in (
-                ("model", model_state, model_file_name(t, p)),
-                ("optimizer", optimizer_state, optim_file_name(t, p, 0)),
-            ):
-                mine = _mine(tensors, global_shapes, state)
-                files[fname] = {
-                    "kind": group,
-                    "tensor": t,
-                    "pipeline": p,
-                    **({"data": 0} if group == "optimizer" else {}),
-                    **write_safetensors(tmp / fname, mine),
-                }
-                specs.update(_specs(mine, group, fname, global_shapes, state))
+        if d == 0:
+            fname = model_file_name(t, p)
+            mine = _mine(model_state, global_shapes, state)
+            files[fname] = {"kind": "model", "tensor": t, "pipeline": p, **write_safetensors(tmp / fname, mine)}
+            specs.update(_specs(mine, "model", fname, global_shapes, state))
+        if d == 0 or optimizer_shards is not None:
+            fname = optim_file_name(t, p, d)
+            whole = _mine(optimizer_state, global_shapes, state) if d == 0 else {}
+            flat = _first_holder(optimizer_shards or {}, global_shapes, state)
+            stored = {**whole, **{name: shard.tensor for name, shard in flat.items()}}
+            if len(stored) != len(whole) + len(flat):
+                raise ValueError("optimizer_state and optimizer_shards share tensor names")
+            files[fname] = {"kind": "optimizer", "tensor": t, "pipeline": p, "data": d}
+            if optimizer_shards is not None:
+                files[fname]["buckets"] = [dict(bucket) for bucket in bucket_layout or []]
+            files[fname].update(write_safetensors(tmp / fname, stored))
+            specs.update(_specs(whole, "optimizer", fname, global_shapes, state))
+            specs.update(_flat_specs(flat, fname, global_shapes, state))
         rng_tensors, rng_info = capture_rng_state()
         files[rng_file_name(state.rank)] = {
             "kind": "rng",
@@ -235,13 +326,60 @@ def _write_metadata(
 
 
 def read_local_shard(
-    checkpoint: Checkpoint, name: str, local_shape: Tuple[int, ...], global_shape: Tuple[int, ...], state: ParallelState
+    checkpoint: Checkpoint,
+    name: str,
+    local_shape: Tuple[int, ...],
+    global_shape: Tuple[int, ...],
+    state: ParallelState,
+    flat_range: Optional[Tuple[int, int]] = None,
 ) -> torch.Tensor:
-    """This rank's slice of global tensor ``name`` (shape ``local_shape``), whatever layout saved it."""
+    """This rank's slice of global tensor ``name`` (shape ``local_shape`` of the model's ``global_shape``),
+    whatever layout saved it; with ``flat_range`` ``(a, b)`` only elements ``a:b`` of it, flattened (1-D).
+
+    Reads only the stored rows the request covers. A vocabulary tensor's stored rows may differ from
+    ``global_shape[0]`` (rows past the stored ones come back zero); any other shape difference is a
+    DataFormatError naming the tensor and both shapes.
+    """
+    spec = checkpoint.metadata.tensors.get(name)
+    if spec is None:
+        raise DataFormatError(f"{checkpoint.path}: the checkpoint has no tensor {name!r}")
+    stored, wanted = tuple(spec.shape), tuple(global_shape)
+    rows_only = len(stored) == len(wanted) >= 1 and stored[1:] == wanted[1:] and vocab_rows_may_differ(name)
+    if stored != wanted and not rows_only:
+        raise DataFormatError(
+            f"{checkpoint.path}: tensor {name} has shape {list(stored)} in the checkpoint, this model's is "
+            f"{list(wanted)}; check --model-preset and the shape flags"
+        )
     axis, _, part = local_part(
-        tuple(local_shape), tuple(global_shape), state.tensor_model_parallel_rank, state.tensor_model_parallel_size
+        tuple(local_shape), wanted, state.tensor_model_parallel_rank, state.tensor_model_parallel_size
     )
-    if axis is None:
-        return checkpoint.read_tensor(name)
-    size = local_shape[axis]
-    return checkpoint.read_tensor(name, axis, part * size, (part + 1) * size)
+    box = [(0, n) for n in local_shape]
+    if axis is not None:
+        box[axis] = (part * local_shape[axis], (part + 1) * local_shape[axis])
+    total = math.prod(local_shape)
+    start, stop = flat_range if flat_range is not None else (0, total)
+    if not 0 <= start <= stop <= total:
+        raise ValueError(
+            f"flat range {[start, stop]} is out of range for {name!r} with local shape {list(local_shape)}"
+        )
+    if box and flat_range is not None:  # only the rows of the local tensor that the flat range touches
+        row = math.prod(local_shape[1:])
+        first, last = (start // row, -(-stop // row)) if row else (0, 0)
+        start, stop = start - first * row, stop - first * row
+        box[0] = (box[0][0] + first, box[0][0] + last)
+    band = _read_rows(checkpoint, name, box, stored)
+    if flat_range is None:
+        return band
+    flat = band.view(-1)[start:stop]
+    return flat.clone() if flat.numel() < band.numel() else flat
+
+
+def _read_rows(checkpoint: Checkpoint, name: str, box: List[Tuple[int, int]], stored: Tuple[int, ...]) -> torch.Tensor:
+    """The box of tensor ``name``; rows past the stored ones (vocabulary padding) are zero."""
+    if not box or box[0][1] <= stored[0]:
+        return checkpoint.read_box(name, box)
+    result = torch.zeros([b - a for a, b in box], dtype=getattr(torch, checkpoint.metadata.tensors[name].dtype))
+    have = min(box[0][1], stored[0]) - box[0][0]
+    if have > 0:
+        result[:have] = checkpoint.read_box(name, [(box[0][0], box[0][0] + have), *box[1:]])
+    return result

@@ -4,8 +4,10 @@ Saving writes everything into ``SAVE/.iter_NNNNNNN.tmp-<uuid>/``, fsyncs it, ren
 ``iter_NNNNNNN`` and only then replaces ``latest_checkpointed_iteration.txt`` atomically, so a crash at
 any point leaves either the previous checkpoint or the new, complete one. Loading validates metadata and
 every file before returning a :class:`Checkpoint`, which reads global tensor slices lazily through
-safetensors' ``safe_open`` from whichever files hold them. Today's writer is single-process (one part
-per tensor); the reader already assembles tensors split into any number of parts along any axis.
+safetensors' ``safe_open`` from whichever files hold them. :func:`save_checkpoint` is the single-process
+writer (one part per tensor; sharded.py writes parallel jobs); the reader assembles any global box of a
+tensor split into any number of parts along any axis, or stored as flat pieces (format version 2), reading
+only the stored slices the box overlaps. Files are written a tensor at a time (memory: one tensor).
 """
 
 from __future__ import annotations
@@ -40,11 +42,13 @@ from megalign.checkpoint.format import (
     model_file_name,
     optim_file_name,
     parse_metadata,
-    plan_slice_read,
+    plan_box_read,
+    plan_flat_read,
     rng_file_name,
 )
 from megalign.errors import DataFormatError
 from megalign.utils.atomic import atomic_write, fsync_dir, install_directory
+from megalign.utils.safetensors_stream import StreamingSafetensorsWriter
 
 logger = logging.getLogger(__name__)
 PathLike = Union[str, Path]
@@ -94,20 +98,17 @@ def restore_rng_state(tensors: Mapping[str, torch.Tensor], info: Mapping[str, st
 def write_safetensors(
     path: Path, tensors: Mapping[str, torch.Tensor], metadata: dict[str, str] | None = None
 ) -> dict[str, Any]:
-    """Write one safetensors file, fsync it and return its files-table entry (size)."""
-    prepared: dict[str, torch.Tensor] = {}
-    storages: set[int] = set()
-    for name, tensor in tensors.items():
-        tensor = tensor.detach().to("cpu").contiguous()
-        pointer = tensor.untyped_storage().data_ptr()
-        if pointer in storages and tensor.numel() > 0:
-            tensor = tensor.clone()  # tied weights: safetensors refuses tensors that share memory
-        storages.add(pointer)
-        prepared[name] = tensor
-    safetensors.torch.save_file(prepared, str(path), metadata=metadata)
-    with open(path, "rb") as handle:
-        os.fsync(handle.fileno())
-    return {"size": path.stat().st_size}
+    """Write one safetensors file a tensor at a time (one tensor's host copy at most), fsync it and return
+    its files-table entry (size). Tied tensors are written once per name."""
+    plan = [(name, tuple(tensor.shape), tensor.dtype) for name, tensor in tensors.items()]
+    writer = StreamingSafetensorsWriter(path, plan, metadata)
+    try:
+        for name, tensor in tensors.items():
+            writer.add(name, tensor)
+        return writer.close()
+    except BaseException:
+        writer.abort()
+        raise
 
 
 def _unsplit_specs(states: Mapping[str, torch.Tensor], group: str, fname: str) -> dict[str, TensorSpec]:
@@ -308,28 +309,47 @@ class Checkpoint:
 
     def read_tensor(self, name: str, axis: int | None = None, start: int = 0, stop: int | None = None) -> torch.Tensor:
         """Global tensor `name`, or its slice ``[start, stop)`` along `axis`, assembled from its shards."""
-        spec = self.metadata.tensors.get(name)
-        if spec is None:
-            raise KeyError(f"checkpoint {self.path} has no tensor {name!r}")
-        out_shape = list(spec.shape)
+        spec = self._spec(name)
+        box = [(0, n) for n in spec.shape]
         if axis is not None:
             if not 0 <= axis < len(spec.shape):
                 raise ValueError(f"axis {axis} is out of range for {name!r} with shape {list(spec.shape)}")
-            stop = spec.shape[axis] if stop is None else stop
-            if not 0 <= start <= stop <= spec.shape[axis]:
-                raise ValueError(
-                    f"slice [{start}, {stop}) is out of range for axis {axis} of {name!r} with shape {list(spec.shape)}"
-                )
-            out_shape[axis] = stop - start
-        result = torch.empty(out_shape, dtype=getattr(torch, spec.dtype))
-        for piece in plan_slice_read(spec, axis, start, stop or 0):
-            handle = self._open(piece.file)
-            try:
-                data = handle.get_slice(name)[piece.local] if spec.shape else handle.get_tensor(name)
-            except Exception as exc:
-                raise DataFormatError(f"{self.path / piece.file}: cannot read tensor {name!r}: {exc}") from None
-            result[piece.out] = data
+            box[axis] = (start, spec.shape[axis] if stop is None else stop)
+        return self.read_box(name, box)
+
+    def _spec(self, name: str) -> TensorSpec:
+        spec = self.metadata.tensors.get(name)
+        if spec is None:
+            raise KeyError(f"checkpoint {self.path} has no tensor {name!r}")
+        return spec
+
+    def read_box(self, name: str, box: list[tuple[int, int]]) -> torch.Tensor:
+        """The global box ``[start, stop)`` per dim of tensor `name`, reading only the stored slices it overlaps."""
+        spec = self._spec(name)
+        if len(box) != len(spec.shape) or not all(0 <= a <= b <= n for (a, b), n in zip(box, spec.shape)):
+            raise ValueError(f"box {box} is out of range for {name!r} with shape {list(spec.shape)}")
+        result = torch.empty([b - a for a, b in box], dtype=getattr(torch, spec.dtype))
+        if result.numel() == 0 and spec.shape:
+            return result
+        if spec.flat is not None:
+            for read in plan_flat_read(spec, box):
+                band = torch.empty(read.band_shape, dtype=result.dtype)
+                flat = band.view(-1)
+                for fname, stored, into in read.pieces:
+                    flat[into] = self._get(fname, name, stored)
+                result[read.out] = band[read.local]
+            return result
+        for piece in plan_box_read(spec, box):
+            result[piece.out] = self._get(piece.file, name, piece.local if spec.shape else None)
         return result
+
+    def _get(self, fname: str, name: str, index: Any) -> torch.Tensor:
+        """Slice ``index`` of tensor `name` in `fname` (None: the whole tensor), read lazily."""
+        handle = self._open(fname)
+        try:
+            return handle.get_tensor(name) if index is None else handle.get_slice(name)[index]
+        except Exception as exc:
+            raise DataFormatError(f"{self.path / fname}: cannot read tensor {name!r}: {exc}") from None
 
     def model_state(self) -> dict[str, torch.Tensor]:
         """All model tensors, whole."""

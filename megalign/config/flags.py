@@ -95,6 +95,8 @@ def collect_flags(config_type: type) -> Tuple[Tuple[Tuple[str, str], ...], Tuple
     hints = typing.get_type_hints(config_type)
     sections, flags = [], []
     for field in dataclasses.fields(config_type):
+        if not field.metadata.get("section", True):  # a derived input (e.g. the checkpoint's model), not flags
+            continue
         section_type = hints[field.name]
         sections.append((field.name, section_type.title))
         flags += section_flags(field.name, section_type)

@@ -16,7 +16,14 @@ from megalign.config.training import FLAGS, FLAGS_BY_DEST, SECTIONS, TrainingCon
 from megalign.errors import ConfigError
 from megalign.utils.yaml_files import read_yaml_file
 
-__all__ = ["add_arguments", "build_parser", "config_from_namespace", "load_config", "read_yaml"]
+__all__ = [
+    "add_arguments",
+    "build_parser",
+    "config_from_namespace",
+    "load_config",
+    "read_yaml",
+    "values_from_namespace",
+]
 
 
 def read_yaml(path: str) -> Dict[str, Any]:
@@ -62,13 +69,18 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def config_from_namespace(args: argparse.Namespace) -> TrainingConfig:
-    """The config from parsed :func:`add_arguments` flags: defaults, then ``args.config``'s YAML, then the flags."""
+def values_from_namespace(args: argparse.Namespace) -> Dict[str, Any]:
+    """``{dest: value}`` of the settings given: ``args.config``'s YAML, then the explicit flags over it."""
     explicit = {dest: value for dest, value in vars(args).items() if dest in FLAGS_BY_DEST}
     path = vars(args).get("config")
     values = read_yaml(os.fspath(path)) if path else {}
     values.update(explicit)
-    return TrainingConfig.from_values(values)
+    return values
+
+
+def config_from_namespace(args: argparse.Namespace) -> TrainingConfig:
+    """The config from parsed :func:`add_arguments` flags: defaults, then ``args.config``'s YAML, then the flags."""
+    return TrainingConfig.from_values(values_from_namespace(args))
 
 
 def load_config(argv: Sequence[str]) -> TrainingConfig:

@@ -30,8 +30,9 @@ __all__ = [
 LLAMA = "LlamaForCausalLM"
 QWEN2 = "Qwen2ForCausalLM"
 ARCHITECTURES = {LLAMA: "llama", QWEN2: "qwen2"}
-# --attention-backend: auto picks flash-attn, else Transformer Engine, else torch SDPA (model/attention_backends.py).
-ATTENTION_BACKENDS = ("auto", "flash", "te", "sdpa")
+# --attention-backend: auto picks flash-attn, else Transformer Engine, else torch SDPA; fused is Transformer Engine
+# (SDPA where it cannot run), unfused/local the explicit softmax(q k^T) v (model/attention_backends.py).
+ATTENTION_BACKENDS = ("auto", "flash", "te", "sdpa", "fused", "unfused", "local")
 
 
 @dataclass(frozen=True)
@@ -81,6 +82,19 @@ class ModelConfig:
     qkv_bias: bool = False
     tie_word_embeddings: bool = False
     init_std: float = 0.02
+    # Megatron's --kv-channels: the size of one attention head when it is not hidden_size / num_attention_heads.
+    kv_channels: Optional[int] = None
+    # Megatron's --apply-layernorm-1p: norm weights are stored as w - 1 (initialised to 0) and applied as 1 + w.
+    apply_layernorm_1p: bool = False
+    # Megatron's --attention-dropout (on the attention probabilities) and --hidden-dropout (embedding output and
+    # the attention / MLP outputs before the residual add); training only.
+    attention_dropout: float = 0.0
+    hidden_dropout: float = 0.0
+    # Megatron's --rotary-seq-len-interpolation-factor: positions are divided by it (linear RoPE interpolation).
+    rotary_interpolation_factor: Optional[float] = None
+    # Rows at and past this id are vocabulary padding (Megatron's rounding to a multiple of 128 x TP): masked
+    # out of the softmax, zero in checkpoints, stripped on export. None: every one of vocab_size rows is real.
+    true_vocab_size: Optional[int] = None
 
     def __post_init__(self) -> None:
         for name in (
@@ -99,12 +113,28 @@ class ModelConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
                 raise ConfigError(f"model config: {name}={value!r} must be a positive number")
-        for name in ("qkv_bias", "tie_word_embeddings"):
+        for name in ("attention_dropout", "hidden_dropout"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
+                raise ConfigError(f"model config: {name}={value!r} must be a probability in [0, 1)")
+        kv, factor = self.kv_channels, self.rotary_interpolation_factor
+        if kv is not None and (isinstance(kv, bool) or not isinstance(kv, int) or kv <= 0):
+            raise ConfigError(f"model config: kv_channels={kv!r} must be a positive integer or None")
+        if factor is not None and (isinstance(factor, bool) or not isinstance(factor, (int, float)) or factor < 1):
+            raise ConfigError(f"model config: rotary_interpolation_factor={factor!r} must be a number >= 1 or None")
+        for name in ("qkv_bias", "tie_word_embeddings", "apply_layernorm_1p"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"model config: {name}={getattr(self, name)!r} must be true or false")
+        true = self.true_vocab_size
+        bad_true = isinstance(true, bool) or not isinstance(true, int) or not 0 < true <= self.vocab_size
+        if true is not None and bad_true:
+            raise ConfigError(
+                f"model config: true_vocab_size={true!r} must be a positive integer no larger than "
+                f"vocab_size={self.vocab_size} (the embedding's rows)"
+            )
         if self.rope_scaling is not None and not isinstance(self.rope_scaling, RopeScaling):
             raise ConfigError(f"model config: rope_scaling={self.rope_scaling!r} must be a RopeScaling or None")
-        if self.hidden_size % self.num_attention_heads:
+        if self.kv_channels is None and self.hidden_size % self.num_attention_heads:
             raise ConfigError(
                 f"model config: num_attention_heads={self.num_attention_heads} must divide "
                 f"hidden_size={self.hidden_size}"
@@ -116,14 +146,24 @@ class ModelConfig:
             )
         if self.head_dim % 2:
             raise ConfigError(
-                f"model config: hidden_size / num_attention_heads = {self.head_dim} must be even "
-                f"(rotary embeddings rotate pairs); change hidden_size or num_attention_heads"
+                f"model config: the head size {self.head_dim} (kv_channels, else hidden_size / "
+                f"num_attention_heads) must be even (rotary embeddings rotate pairs)"
             )
 
     @property
+    def real_vocab_size(self) -> int:
+        """Rows that are real tokens (``true_vocab_size``, else every row)."""
+        return self.vocab_size if self.true_vocab_size is None else self.true_vocab_size
+
+    @property
     def head_dim(self) -> int:
-        """Size of one attention head."""
-        return self.hidden_size // self.num_attention_heads
+        """Size of one attention head: ``kv_channels``, else ``hidden_size / num_attention_heads``."""
+        return self.kv_channels if self.kv_channels is not None else self.hidden_size // self.num_attention_heads
+
+    @property
+    def attention_size(self) -> int:
+        """Width of the concatenated query heads (q_proj's output, o_proj's input)."""
+        return self.num_attention_heads * self.head_dim
 
     @property
     def architecture(self) -> str:
@@ -305,10 +345,10 @@ def preset(name: str, **overrides: Any) -> ModelConfig:
 
 def parameter_count(config: ModelConfig) -> int:
     """Exact number of parameters (embeddings, per-layer attention/MLP/norms, final norm, LM head)."""
-    h, kv = config.hidden_size, config.num_key_value_heads * config.head_dim
-    attention = h * h + 2 * h * kv + h * h  # q, k, v, o
+    h, kv, q = config.hidden_size, config.num_key_value_heads * config.head_dim, config.attention_size
+    attention = h * q + 2 * h * kv + q * h  # q, k, v, o
     if config.qkv_bias:
-        attention += h + 2 * kv
+        attention += q + 2 * kv
     mlp = 3 * h * config.intermediate_size  # gate, up, down
     layer = attention + mlp + 2 * h  # two RMSNorm weights
     embeddings = config.vocab_size * h * (1 if config.tie_word_embeddings else 2)
@@ -351,7 +391,7 @@ def to_hf_config(config: ModelConfig, architecture: Optional[str] = None) -> Dic
     out: Dict[str, Any] = {
         "architectures": [architecture],
         "model_type": ARCHITECTURES[architecture],
-        "vocab_size": config.vocab_size,
+        "vocab_size": config.real_vocab_size,  # the padding rows are not exported
         "hidden_size": config.hidden_size,
         "intermediate_size": config.intermediate_size,
         "num_hidden_layers": config.num_layers,
@@ -359,20 +399,34 @@ def to_hf_config(config: ModelConfig, architecture: Optional[str] = None) -> Dic
         "num_key_value_heads": config.num_key_value_heads,
         "max_position_embeddings": config.max_position_embeddings,
         "rope_theta": float(config.rope_theta),
-        "rope_scaling": (
-            None if config.rope_scaling is None else {"rope_type": "llama3", **config.rope_scaling.to_dict()}
-        ),
+        "rope_scaling": _hf_rope_scaling(config),
         "rms_norm_eps": config.rms_norm_eps,
         "tie_word_embeddings": config.tie_word_embeddings,
         "initializer_range": config.init_std,
         "hidden_act": "silu",
-        "attention_dropout": 0.0,
+        "attention_dropout": config.attention_dropout,
     }
     if architecture == LLAMA:
         out.update(attention_bias=False, mlp_bias=False, head_dim=config.head_dim)
     else:
         out.update(use_sliding_window=False, max_window_layers=config.num_layers)
+        if config.kv_channels is not None:
+            out["head_dim"] = config.head_dim
     return out
+
+
+def _hf_rope_scaling(config: ModelConfig) -> Optional[Dict[str, Any]]:
+    """HF's ``rope_scaling``: Llama-3.1's (``llama3``), linear interpolation (``linear``), or None."""
+    if config.rope_scaling is not None and config.rotary_interpolation_factor is not None:
+        raise ConfigError(
+            "rope_scaling and rotary_interpolation_factor (--use-rope-scaling and "
+            "--rotary-seq-len-interpolation-factor) together cannot be written as a Hugging Face config"
+        )
+    if config.rope_scaling is not None:
+        return {"rope_type": "llama3", **config.rope_scaling.to_dict()}
+    if config.rotary_interpolation_factor is not None:
+        return {"rope_type": "linear", "factor": float(config.rotary_interpolation_factor)}
+    return None
 
 
 def _hf_rope(hf: Mapping[str, Any]) -> tuple:
@@ -385,8 +439,12 @@ def _hf_rope(hf: Mapping[str, Any]) -> tuple:
     rope_type = params.get("rope_type", params.get("type", "default"))
     if rope_type == "default":
         return theta, None
+    if rope_type == "linear":
+        return theta, float(params.get("factor", 1.0))
     if rope_type != "llama3":
-        raise ConfigError(f"HF config: {key}.rope_type={rope_type!r} is not supported (only 'default' and 'llama3')")
+        raise ConfigError(
+            f"HF config: {key}.rope_type={rope_type!r} is not supported (only 'default', 'linear' and 'llama3')"
+        )
     scaling = {f.name: params.get(f.name) for f in fields(RopeScaling)}
     if scaling["original_max_position_embeddings"] is None:
         raise ConfigError(f"HF config: {key}.original_max_position_embeddings is missing")
@@ -421,12 +479,10 @@ def from_hf_config(hf: Mapping[str, Any]) -> ModelConfig:
         raise ConfigError("HF config: use_sliding_window=true is not supported")
     heads = hf["num_attention_heads"]
     head_dim = hf.get("head_dim")
-    if head_dim is not None and isinstance(heads, int) and heads > 0 and head_dim * heads != hf["hidden_size"]:
-        raise ConfigError(
-            f"HF config: head_dim={head_dim} must equal hidden_size / num_attention_heads "
-            f"({hf['hidden_size']} / {heads})"
-        )
-    theta, scaling = _hf_rope(hf)
+    # a head size other than hidden / heads is Megatron's --kv-channels
+    kv_channels = head_dim if head_dim is not None and head_dim * heads != hf["hidden_size"] else None
+    theta, rope = _hf_rope(hf)
+    scaling, interpolation = (None, rope) if isinstance(rope, float) else (rope, None)
     defaults = {"llama": (2048, 1e-6), "qwen2": (32768, 1e-6)}[str(model_type)]
     return ModelConfig(
         vocab_size=hf["vocab_size"],
@@ -442,4 +498,6 @@ def from_hf_config(hf: Mapping[str, Any]) -> ModelConfig:
         qkv_bias=model_type == "qwen2",
         tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
         init_std=hf.get("initializer_range", 0.02),
+        kv_channels=kv_channels,
+        rotary_interpolation_factor=interpolation,
     )

@@ -39,6 +39,7 @@ TOKENIZER_TYPES = (
     "HuggingFaceTokenizer",
     "TikTokenizer",
     "NullTokenizer",
+    "GPT2BPETokenizer",
 )
 # --lr-decay-style and --lr-wsd-decay-style (megalign.training.lr_schedule computes them).
 DECAY_STYLES = ("constant", "linear", "cosine", "inverse-square-root", "wsd")
@@ -67,7 +68,18 @@ class ModelSection:
     num_attention_heads: Optional[int] = setting(None, f"Attention heads (default: {_PRESET}).", minimum=1)
     num_query_groups: Optional[int] = setting(
         None,
-        "Key/value heads for grouped-query attention (default: the preset's, else --num-attention-heads).",
+        "Key/value heads for grouped-query attention (default: the preset's; without a preset it needs "
+        "--group-query-attention, as in Megatron, and defaults to Megatron's 1).",
+        minimum=1,
+    )
+    group_query_attention: bool = setting(
+        False,
+        "Grouped-query attention with --num-query-groups key/value heads (without a preset: otherwise every "
+        "head has its own key/value head, Megatron's rule; with a preset the preset's groups apply).",
+    )
+    kv_channels: Optional[int] = setting(
+        None,
+        "Size of one attention head (default: the preset's, else --hidden-size / --num-attention-heads).",
         minimum=1,
     )
     seq_length: Optional[int] = setting(None, "Tokens per training sample (required).", minimum=1)
@@ -87,9 +99,65 @@ class ModelSection:
     attention_backend: str = setting(
         "auto",
         "Attention kernel: auto (flash-attn, else Transformer Engine, else torch SDPA, by what is installed "
-        "and the device), or one of them explicitly.",
+        "and the device), or one of them explicitly; Megatron's fused is Transformer Engine (torch SDPA with one "
+        "warning where it cannot run), unfused and local the explicit softmax(q k^T) v.",
         choices=ATTENTION_BACKENDS,
     )
+    swiglu: bool = setting(
+        False,
+        "SwiGLU MLP (the only MLP megalign builds; without a preset Megatron's default, a GELU MLP, is refused, "
+        "so give it).",
+    )
+    normalization: Optional[str] = setting(
+        None,
+        "Norm layers: RMSNorm only (default: the preset's RMSNorm; without a preset Megatron's LayerNorm, "
+        "which megalign does not build, so give RMSNorm).",
+        choices=("LayerNorm", "RMSNorm"),
+    )
+    apply_layernorm_1p: bool = setting(
+        False, "Norm weights stored as w - 1 (initialised to 0) and applied as 1 + w; exported to HF as 1 + w."
+    )
+    position_embedding_type: Optional[str] = setting(
+        None,
+        "Positions: rope only (default: rope with a preset; without a preset Megatron's learned_absolute, "
+        "which megalign does not build, so give rope).",
+        choices=("learned_absolute", "rope", "yarn", "mrope", "relative", "none"),
+    )
+    rotary_percent: float = setting(1.0, "Fraction of each head rotated by RoPE: 1.0 only (partial RoPE is not built).")
+    rotary_seq_len_interpolation_factor: Optional[float] = setting(
+        None, "Linear RoPE position interpolation: positions are divided by this (HF rope_type linear).", minimum=1.0
+    )
+    use_rope_scaling: bool = setting(
+        False, "Llama-3.1 RoPE frequency scaling (low/high frequency factors 1 and 4, original context 8192)."
+    )
+    rope_scaling_factor: Optional[float] = setting(
+        None, "--use-rope-scaling factor (default: 8, Megatron's).", minimum=1.0
+    )
+    disable_bias_linear: bool = setting(
+        False,
+        "No biases in the linear layers (megalign builds none; without a preset Megatron's default has "
+        "them everywhere, which is refused, so give this flag or --add-qkv-bias).",
+    )
+    add_qkv_bias: bool = setting(False, "Biases in the q/k/v projections only (Qwen2).")
+    untie_embeddings_and_output_weights: bool = setting(
+        False, "A separate LM head (default: the preset's choice; without a preset tied, Megatron's default)."
+    )
+    attention_dropout: Optional[float] = setting(
+        None,
+        "Dropout on the attention probabilities in training (default: the preset's 0; without a preset "
+        "Megatron's 0.1). Runs the explicit attention kernel when > 0.",
+        minimum=0.0,
+    )
+    hidden_dropout: Optional[float] = setting(
+        None,
+        "Dropout on the embedding output and on the attention and MLP outputs before each residual add, in "
+        "training (default: the preset's 0; without a preset Megatron's 0.1).",
+        minimum=0.0,
+    )
+    cross_entropy_loss_fusion: bool = setting(
+        False, "No-op: the loss is always megalign's fused vocabulary-parallel cross-entropy."
+    )
+    use_mcore_models: bool = setting(False, "No-op (deprecated in Megatron): megalign has one model implementation.")
 
 
 @dataclass
@@ -104,6 +172,25 @@ class DataSection:
     split: str = setting("969,30,1", "Train,valid,test proportions of --data-path.")
     tokenizer_type: Optional[str] = setting(None, "Tokenizer class.", choices=TOKENIZER_TYPES)
     tokenizer_model: Optional[str] = setting(None, "Tokenizer model file or directory.")
+    vocab_file: Optional[str] = setting(
+        None, "GPT2BPETokenizer: the vocab.json (without --tokenizer-type it selects GPT2BPETokenizer, as Megatron)."
+    )
+    merge_file: Optional[str] = setting(None, "GPT2BPETokenizer: the merges.txt.")
+    tiktoken_pattern: Optional[str] = setting(
+        None,
+        "TikTokenizer pre-tokenization regex: v2 is the one megalign uses for Megatron's JSON vocabularies "
+        "(Llama-3 .tiktoken files use Llama-3's); v1 is refused. Not used by other tokenizers.",
+        choices=("v1", "v2"),
+    )
+    mock_data: bool = setting(
+        False, "Train on synthetic tokens (deterministic in --seed) instead of --data-path (Megatron's mock data)."
+    )
+    no_mmap_bin_files: bool = setting(
+        False, "No-op: megalign maps .bin files read-only and copies only the samples it reads."
+    )
+    no_create_attention_mask_in_dataloader: bool = setting(
+        False, "No-op: megalign's loader never builds a dense mask (attention masks come from segment ids)."
+    )
     data_cache_path: Optional[str] = setting(None, "Directory for the dataset index caches.")
     reset_position_ids: bool = setting(False, "Restart position ids after each end-of-document token.")
     reset_attention_mask: bool = setting(False, "Keep attention within each document of a sample.")
@@ -143,6 +230,39 @@ class OptimizationSection:
     lr_decay_iters: Optional[int] = setting(None, "Steps to decay over (default: the training steps).", minimum=1)
     lr_wsd_decay_iters: Optional[int] = setting(None, "Annealing steps at the end of a WSD schedule.", minimum=1)
     lr_wsd_decay_style: str = setting("exponential", "Annealing of a WSD schedule.", choices=WSD_DECAY_STYLES)
+    lr_warmup_samples: int = setting(
+        0, "Linear warmup in samples (sample-based training: with --train-samples).", minimum=0
+    )
+    lr_decay_samples: Optional[int] = setting(
+        None, "Samples to decay over (with --train-samples; default: --train-samples).", minimum=1
+    )
+    lr_wsd_decay_samples: Optional[int] = setting(
+        None, "Annealing samples at the end of a WSD schedule (with --train-samples).", minimum=1
+    )
+    decoupled_lr: Optional[float] = setting(
+        None,
+        "Peak learning rate of the input embedding and the output layer (their own param groups, same "
+        "schedule shape; default: --lr).",
+        minimum=0.0,
+    )
+    decoupled_min_lr: Optional[float] = setting(
+        None, "Minimum learning rate of the --decoupled-lr groups (default: --min-lr).", minimum=0.0
+    )
+    calculate_per_token_loss: bool = setting(
+        False,
+        "Normalise the loss by the global batch's non-masked tokens (over micro-batches and data-parallel "
+        "ranks) instead of averaging per-micro-batch means.",
+    )
+    rampup_batch_size: Optional[List[str]] = setting(
+        None,
+        "Batch-size ramp START INCREMENT SAMPLES (Megatron's, deprecated there): validated, then refused: "
+        "megalign trains with a constant global batch size.",
+    )
+    step_batch_size_schedule: Optional[str] = setting(
+        None,
+        'Step-wise global batch size "THRESHOLD:BS ..." (K/M/B/T suffixes; tokens): validated, then refused: '
+        "megalign trains with a constant global batch size.",
+    )
     weight_decay: float = setting(0.01, "AdamW weight decay (not on biases and norms).", minimum=0.0)
     adam_beta1: float = setting(0.9, "AdamW beta1.", minimum=0.0)
     adam_beta2: float = setting(0.999, "AdamW beta2.", minimum=0.0)
@@ -163,6 +283,16 @@ class PrecisionSection:
     loss_scale_window: int = setting(1000, "fp16: finite steps before the scale grows.", minimum=1)
     hysteresis: int = setting(2, "fp16: overflows tolerated before the scale shrinks.", minimum=1)
     min_loss_scale: float = setting(1.0, "fp16: lower bound of the dynamic loss scale.", minimum=0.0)
+    fp8_format: Optional[str] = setting(
+        None,
+        "FP8 training through Transformer Engine: refused, megalign does not train in fp8 yet.",
+        choices=("e4m3", "hybrid"),
+    )
+    fp8_amax_history_len: int = setting(1, "fp8: amax history length (only with --fp8-format).", minimum=1)
+    fp8_amax_compute_algo: str = setting(
+        "most_recent", "fp8: amax of the history (only with --fp8-format).", choices=("most_recent", "max")
+    )
+    fp8_param_gather: bool = setting(False, "fp8: keep and all-gather parameters in fp8 (only with --fp8-format).")
 
 
 @dataclass
@@ -213,6 +343,14 @@ class ParallelSection:
         False, "Shard fp32 master weights and optimizer state over the data-parallel ranks (ZeRO-1)."
     )
     overlap_grad_reduce: bool = setting(False, "Reduce gradient buckets during the backward pass.")
+    overlap_param_gather: bool = setting(
+        False,
+        "Distributed optimizer: all-gather the updated parameters (needs --use-distributed-optimizer and "
+        "--overlap-grad-reduce). megalign gathers after the step, without overlapping the next forward.",
+    )
+    grad_reduce_in_bf16: bool = setting(
+        False, "Keep the gradient buffers in bfloat16 and reduce them over data parallelism in bfloat16."
+    )
     ddp_bucket_size: Optional[int] = setting(
         None,
         "Elements per gradient bucket (default: one bucket, or Megatron's size with --overlap-grad-reduce).",
@@ -222,6 +360,9 @@ class ParallelSection:
         None, "torch.distributed backend (default: nccl on GPUs, gloo on CPUs).", choices=("nccl", "gloo")
     )
     distributed_timeout_minutes: int = setting(10, "Timeout of collective operations.", minimum=1)
+    context_parallel_size: int = setting(
+        1, "Context-parallel degree: 1 only (context parallelism is not built).", minimum=1
+    )
 
 
 @dataclass
@@ -231,8 +372,22 @@ class CheckpointingSection:
     title: ClassVar[str] = "Checkpointing"
 
     save: Optional[str] = setting(None, "Directory to save checkpoints in.")
-    load: Optional[str] = setting(None, "Directory to resume (or, with --finetune, start) from.")
+    load: Optional[str] = setting(
+        None,
+        "Directory to resume (or, with --finetune, start) from. A directory without a checkpoint yet starts "
+        "the run from scratch (Megatron's --save X --load X on every restart).",
+    )
+    use_checkpoint_args: bool = setting(
+        False,
+        "Build the model from the architecture recorded in the --load checkpoint (a --load without shape flags "
+        "does so too); an explicit shape flag that disagrees with it is an error.",
+    )
     save_interval: Optional[int] = setting(None, "Save every this many steps.", minimum=1)
+    ckpt_format: str = setting(
+        "torch_dist",
+        "torch_dist only: megalign's own sharded, reshardable format plays its role; convert Megatron "
+        "checkpoints of other formats with `megalign convert megatron-to-megalign`.",
+    )
     finetune: bool = setting(False, "Load only the weights from --load; reset the optimizer, schedule and iteration.")
     keep_last: Optional[int] = setting(None, "Keep only the newest N checkpoints in --save (ours).", minimum=1)
     async_save: bool = setting(
@@ -261,6 +416,22 @@ class LoggingSection:
     peak_tflops: Optional[float] = setting(
         None, "Peak TFLOP/s of one device, for MFU (ours; default: a table of GPUs; CPUs need it).", minimum=0.0
     )
+    log_throughput: bool = setting(
+        False, "Add model TFLOP/s per device and MFU to the log line and the TensorBoard scalars."
+    )
+    profile: bool = setting(
+        False,
+        "Record a torch.profiler trace (chrome trace JSON) of steps --profile-step-start to --profile-step-end "
+        "(in --tensorboard-dir/torch_profile, else --save/torch_profile, else ./torch_profile).",
+    )
+    use_pytorch_profiler: bool = setting(
+        False, "Accepted for Megatron scripts: --profile always uses torch.profiler here (no nsys capture range)."
+    )
+    profile_step_start: int = setting(10, "First profiled step (--profile).", minimum=0)
+    profile_step_end: int = setting(12, "Step at which profiling stops (--profile; exclusive).", minimum=0)
+    profile_ranks: Optional[List[str]] = setting(
+        None, "Global ranks that write a trace with --profile (default: every rank, Megatron's empty list)."
+    )
 
 
 @dataclass
@@ -275,4 +446,25 @@ class MiscSection:
         False,
         "Supervised fine-tuning: --data-path holds `preprocess --sft` output; one conversation per sample, "
         "loss on the assistant replies only.",
+    )
+    exit_duration_in_mins: Optional[int] = setting(
+        None,
+        "Stop at the first step boundary after this many minutes of training, saving a checkpoint when "
+        "--save is set (every rank agrees).",
+        minimum=1,
+    )
+    manual_gc: bool = setting(
+        False, "Disable Python's automatic garbage collector; collect at set points on every rank instead."
+    )
+    manual_gc_interval: int = setting(
+        0, "With --manual-gc: collect every this many steps (0: never between steps).", minimum=0
+    )
+    no_manual_gc_eval: bool = setting(
+        False, "With --manual-gc: do not collect at the start and end of each evaluation."
+    )
+    empty_unused_memory_level: int = setting(
+        0,
+        "Free cached CUDA memory (torch.cuda.empty_cache), 0, 1 or 2: 1 after each step's forward/backward and "
+        "each evaluation, 2 also after the optimizer step; on CPUs there is nothing to free (no-op).",
+        minimum=0,
     )

@@ -14,15 +14,17 @@ megalign.config.sections; :meth:`TrainingConfig.validate` checks conflicts and c
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 from dataclasses import dataclass, field
-from typing import Any, Dict, Mapping, Optional, TypeVar
+from typing import Any, Dict, List, Mapping, Optional, Tuple, TypeVar
 
 from megalign.config.data_paths import parse_data_path, parse_split
 from megalign.config.flags import Flag, collect_flags, parse_value
 from megalign.config.flags import flags_markdown as _flags_markdown
 from megalign.config.layout import data_parallel_size, stage_layer_ranges
 from megalign.config.lr_settings import LRScheduleSettings
+from megalign.config.megatron_flags import apply_architecture_flags, check_architecture_flags, check_unbuilt_flags
 from megalign.config.model import ModelConfig, ModelOptions, preset
 from megalign.config.sections import (
     CheckpointingSection,
@@ -48,6 +50,7 @@ __all__ = [
 ]
 
 _Number = TypeVar("_Number", int, float)
+logger = logging.getLogger(__name__)
 
 # Model flags that override a ModelConfig field of another name.
 _MODEL_FIELDS = {
@@ -62,6 +65,45 @@ _MODEL_FIELDS = {
     "norm_epsilon": "rms_norm_eps",
     "init_method_std": "init_std",
 }
+
+
+# Model fields a flag may change when the model comes from the checkpoint: they change no weight. (--vocab-size
+# is the tokenizer's size for NullTokenizer, as in Megatron; the trainer checks the tokenizer against the rows.)
+_FREE_WITH_CHECKPOINT = ("init_std", "max_position_embeddings", "attention_dropout", "hidden_dropout", "vocab_size")
+# Architecture fields set by flags other than _MODEL_FIELDS, and the flags that set them.
+_ARCHITECTURE_FLAGS = {
+    "qkv_bias": "--add-qkv-bias / --disable-bias-linear",
+    "tie_word_embeddings": "--untie-embeddings-and-output-weights",
+    "kv_channels": "--kv-channels",
+    "apply_layernorm_1p": "--apply-layernorm-1p",
+    "rope_scaling": "--use-rope-scaling / --rope-scaling-factor",
+    "rotary_interpolation_factor": "--rotary-seq-len-interpolation-factor",
+}
+
+
+def _disagreement(flag: str, value: Any, stored: Any) -> ConfigError:
+    return ConfigError(
+        f"{flag} {value} disagrees with the --load checkpoint, which has {stored}; drop the flag "
+        "(the model is built from the checkpoint) or load a checkpoint of that shape"
+    )
+
+
+def _check_against_checkpoint(overrides: Mapping[str, Any], recorded: Mapping[str, Any]) -> None:
+    """ConfigError naming the flag and both values when an explicit shape flag disagrees with the checkpoint."""
+    flags = {name: dest for dest, name in _MODEL_FIELDS.items()}
+    for name, value in overrides.items():
+        if name in _FREE_WITH_CHECKPOINT or name not in recorded:
+            continue
+        stored = recorded[name]
+        if value != stored:
+            raise _disagreement(FLAGS_BY_DEST[flags[name]].name if name in flags else name, value, stored)
+
+
+def _check_architecture_against_checkpoint(built: Mapping[str, Any], recorded: Mapping[str, Any]) -> None:
+    """The same for the architecture flags (biases, tied embeddings, head size, 1p norms, rope variants)."""
+    for name, flag in _ARCHITECTURE_FLAGS.items():
+        if built.get(name) != recorded.get(name):
+            raise _disagreement(flag, f"(gives {name}={built.get(name)!r})", f"{name}={recorded.get(name)!r}")
 
 
 def _required(value: Optional[_Number], flag: str) -> _Number:
@@ -95,15 +137,22 @@ class TrainingConfig:
     checkpointing: CheckpointingSection = field(default_factory=CheckpointingSection)
     logging: LoggingSection = field(default_factory=LoggingSection)
     misc: MiscSection = field(default_factory=MiscSection)
+    # The model recorded in the --load checkpoint, when it defines the shape (--use-checkpoint-args, or a --load
+    # without shape flags): the base the model flags override, as a preset is; a flag that disagrees is an error.
+    checkpoint_model: Optional[ModelConfig] = field(default=None, metadata={"section": False})
 
     # ---- construction -------------------------------------------------------------------------------------
     @classmethod
-    def from_values(cls, values: Mapping[str, Any], where: str = "") -> "TrainingConfig":
-        """Build from flat ``{dest: value}`` (unset flags keep defaults), checking each value; then validate."""
+    def from_values(
+        cls, values: Mapping[str, Any], where: str = "", checkpoint_model: Optional[ModelConfig] = None
+    ) -> "TrainingConfig":
+        """Build from flat ``{dest: value}`` (unset flags keep defaults), checking each value; then validate.
+
+        ``checkpoint_model``: the shape recorded in the checkpoint to build the model from (see the field)."""
         unknown = sorted(set(values) - set(FLAGS_BY_DEST))
         if unknown:
             raise ConfigError(f"{where}unknown setting(s) {', '.join(unknown)}")
-        config = cls()
+        config = cls(checkpoint_model=checkpoint_model)
         for dest, value in values.items():
             flag = FLAGS_BY_DEST[dest]
             setattr(getattr(config, flag.section), dest, parse_value(flag, value, where))
@@ -154,7 +203,7 @@ class TrainingConfig:
         """Model chunks per pipeline rank: 1, or more with --num-layers-per-virtual-pipeline-stage."""
         p, layers = (
             self.parallel,
-            self._model_fields(None if (self.model.model_preset or self.model.vocab_size) else 1)["num_layers"],
+            self._shape_fields()["num_layers"],
         )
         if p.num_layers_per_virtual_pipeline_stage is None:
             return 1
@@ -191,14 +240,32 @@ class TrainingConfig:
         """Gradient-accumulation steps per optimizer step."""
         return self.global_batch_size // (self.micro_batch_size * self.data_parallel_size)
 
-    def _model_fields(self, vocab_size: Optional[int]) -> Dict[str, Any]:
-        """ModelConfig keyword arguments: the preset's fields (if any) with the model flags applied."""
+    def _shape_fields(self) -> Dict[str, Any]:
+        """:meth:`_model_fields` for shape checks before the tokenizer is known (a stand-in vocabulary of 1)."""
+        m = self.model
+        return self._model_fields(None if (m.model_preset or m.vocab_size or self.checkpoint_model) else 1)
+
+    def _model_fields(self, vocab_size: Optional[int], true_vocab_size: Optional[int] = None) -> Dict[str, Any]:
+        """ModelConfig keyword arguments: the checkpoint's or the preset's fields (if any) with the model flags
+        applied. ``vocab_size``/``true_vocab_size``: the embedding's rows and the real vocabulary (trainer)."""
         m = self.model
         overrides = {name: getattr(m, dest) for dest, name in _MODEL_FIELDS.items() if getattr(m, dest) is not None}
+        if self.checkpoint_model is not None:
+            base = self.checkpoint_model.to_dict()
+            _check_against_checkpoint(overrides, base)
+            overrides.pop("vocab_size", None)  # a tokenizer setting here: the rows follow the checkpoint's vocabulary
+            base.update(overrides)
+            if vocab_size is not None:
+                base.update(vocab_size=vocab_size, true_vocab_size=true_vocab_size or base["true_vocab_size"])
+            built = apply_architecture_flags(base, m, has_base=True)
+            _check_architecture_against_checkpoint(built, self.checkpoint_model.to_dict())
+            return built
         if vocab_size is not None:
             overrides["vocab_size"] = vocab_size
+            if true_vocab_size is not None:
+                overrides["true_vocab_size"] = true_vocab_size
         if m.model_preset is not None:
-            return {**preset(m.model_preset).to_dict(), **overrides}
+            return apply_architecture_flags({**preset(m.model_preset).to_dict(), **overrides}, m, has_base=True)
         missing = [
             FLAGS_BY_DEST[d].name for d in ("num_layers", "hidden_size", "num_attention_heads") if getattr(m, d) is None
         ]
@@ -211,7 +278,7 @@ class TrainingConfig:
         )
         overrides.setdefault("num_key_value_heads", m.num_attention_heads)
         overrides.setdefault("max_position_embeddings", m.seq_length)
-        return overrides
+        return apply_architecture_flags(overrides, m, has_base=False)
 
     def model_options(self) -> ModelOptions:
         """How the model runs: --attention-backend and the --recompute-* flags."""
@@ -223,12 +290,14 @@ class TrainingConfig:
             recompute_num_layers=r.recompute_num_layers,
         )
 
-    def model_config(self, vocab_size: Optional[int] = None) -> ModelConfig:
-        """The model shape: --model-preset with the model flags as overrides, or the flags alone.
+    def model_config(self, vocab_size: Optional[int] = None, true_vocab_size: Optional[int] = None) -> ModelConfig:
+        """The model shape: the checkpoint's (``checkpoint_model``) or --model-preset with the model flags as
+        overrides, or the flags alone.
 
-        ``vocab_size`` (the tokenizer's padded size) wins over --vocab-size and the preset's.
+        ``vocab_size`` (the padded rows for this layout) wins over --vocab-size and the preset's;
+        ``true_vocab_size`` is the real vocabulary (rows past it are padding).
         """
-        return ModelConfig.from_dict(self._model_fields(vocab_size))
+        return ModelConfig.from_dict(self._model_fields(vocab_size, true_vocab_size))
 
     # ---- validation ---------------------------------------------------------------------------------------
     def validate(self) -> None:
@@ -245,6 +314,7 @@ class TrainingConfig:
                 raise ConfigError(f"{FLAGS_BY_DEST[dest].name} is required")
         if values["train_iters"] is None and values["train_samples"] is None:
             raise ConfigError("give --train-iters or --train-samples (how long to train)")
+        self._validate_megatron_flags()
         self._validate_parallel_layout()
         self._validate_batch()
         self._validate_model()
@@ -254,15 +324,17 @@ class TrainingConfig:
         self._validate_checkpointing()
         self._validate_logging()
         self._validate_data()
+        self._validate_training_behaviour()
 
     def _validate_parallel_layout(self) -> None:
         """World size vs TP x PP, heads and KV heads vs TP, layers vs pipeline stages, the interleaved schedule."""
         p = self.parallel
         tp, pp = p.tensor_model_parallel_size, p.pipeline_model_parallel_size
         data_parallel_size(self.world_size, tp, pp)
-        if p.sequence_parallel and tp == 1:
-            raise ConfigError("--sequence-parallel needs --tensor-model-parallel-size > 1")
-        fields_ = self._model_fields(None if (self.model.model_preset or self.model.vocab_size) else 1)
+        if p.sequence_parallel and tp == 1:  # Megatron's rule (its Llama script passes both)
+            logger.warning("--sequence-parallel is disabled: --tensor-model-parallel-size is 1 (Megatron's rule)")
+            p.sequence_parallel = False
+        fields_ = self._shape_fields()
         heads, groups, layers = fields_["num_attention_heads"], fields_["num_key_value_heads"], fields_["num_layers"]
         if heads % tp:
             raise ConfigError(f"--tensor-model-parallel-size {tp} must divide --num-attention-heads {heads}")
@@ -317,9 +389,9 @@ class TrainingConfig:
 
     def _validate_model(self) -> None:
         m = self.model
-        fields_ = self._model_fields(None if (m.model_preset or m.vocab_size) else 1)
+        fields_ = self._shape_fields()
         hidden, heads, groups = (fields_["hidden_size"], fields_["num_attention_heads"], fields_["num_key_value_heads"])
-        if hidden % heads:
+        if hidden % heads and fields_.get("kv_channels") is None:
             raise ConfigError(f"--num-attention-heads {heads} must divide --hidden-size {hidden}")
         if heads % groups:
             raise ConfigError(f"--num-query-groups {groups} must divide --num-attention-heads {heads}")
@@ -342,8 +414,11 @@ class TrainingConfig:
                 raise ConfigError(f"{FLAGS_BY_DEST[dest].name} {getattr(opt, dest):g} must be in [0, 1)")
         if opt.adam_eps <= 0.0:
             raise ConfigError(f"--adam-eps {opt.adam_eps:g} must be > 0")
-        if opt.lr_wsd_decay_iters is not None and opt.lr_decay_style != "wsd":
-            raise ConfigError(f"--lr-wsd-decay-iters is only used with --lr-decay-style wsd, not {opt.lr_decay_style}")
+        for dest in ("lr_wsd_decay_iters", "lr_wsd_decay_samples"):
+            if getattr(opt, dest) is not None and opt.lr_decay_style != "wsd":
+                raise ConfigError(
+                    f"{FLAGS_BY_DEST[dest].name} is only used with --lr-decay-style wsd, not {opt.lr_decay_style}"
+                )
         LRScheduleSettings.from_section(opt, self.train_iters)  # warmup vs decay steps, WSD, ...: name flags
 
     def _validate_precision(self) -> None:
@@ -387,10 +462,67 @@ class TrainingConfig:
                 raise ConfigError(f"{FLAGS_BY_DEST[dest].name} needs --save (where checkpoints go)")
         if c.finetune and c.load is None:
             raise ConfigError("--finetune needs --load (the checkpoint to start from)")
+        if c.use_checkpoint_args and c.load is None:
+            raise ConfigError("--use-checkpoint-args needs --load (the checkpoint whose model to build)")
 
     def _validate_logging(self) -> None:
         if self.logging.tensorboard_log_interval != 1 and self.logging.tensorboard_dir is None:
             raise ConfigError("--tensorboard-log-interval needs --tensorboard-dir (where the events go)")
+
+    def _validate_training_behaviour(self) -> None:
+        """Decoupled LR, batch-size ramps, parameter gather, profiling and the run controls (--manual-gc, ...)."""
+        opt, p, log, misc = self.optimization, self.parallel, self.logging, self.misc
+        if opt.decoupled_min_lr is not None:
+            if opt.decoupled_lr is None:
+                raise ConfigError("--decoupled-min-lr needs --decoupled-lr (the peak of the same param groups)")
+            if opt.decoupled_min_lr > opt.decoupled_lr:
+                raise ConfigError(
+                    f"--decoupled-min-lr {opt.decoupled_min_lr:g} must not exceed --decoupled-lr {opt.decoupled_lr:g}"
+                )
+        if opt.decoupled_lr is not None and opt.decoupled_min_lr is None and opt.min_lr > opt.decoupled_lr:
+            raise ConfigError(
+                f"--decoupled-lr {opt.decoupled_lr:g} is below --min-lr {opt.min_lr:g} (its floor by default); "
+                "give --decoupled-min-lr"
+            )
+        _check_batch_ramp(self)
+        if p.overlap_param_gather and not (p.use_distributed_optimizer and p.overlap_grad_reduce):
+            raise ConfigError(
+                "--overlap-param-gather needs --use-distributed-optimizer and --overlap-grad-reduce (as in Megatron)"
+            )
+        if log.profile:
+            if log.profile_step_end <= log.profile_step_start:
+                raise ConfigError(
+                    f"--profile-step-end {log.profile_step_end} must be larger than --profile-step-start "
+                    f"{log.profile_step_start}"
+                )
+            for rank in log.profile_ranks or []:
+                if not rank.isdigit():
+                    raise ConfigError(f"--profile-ranks {rank!r} is not a rank number (0, 1, ...)")
+        else:
+            for dest in ("use_pytorch_profiler", "profile_step_start", "profile_step_end", "profile_ranks"):
+                if getattr(log, dest) != FLAGS_BY_DEST[dest].default:
+                    raise ConfigError(f"{FLAGS_BY_DEST[dest].name} needs --profile (it sets what is profiled)")
+        if not misc.manual_gc:
+            for dest in ("manual_gc_interval", "no_manual_gc_eval"):
+                if getattr(misc, dest) != FLAGS_BY_DEST[dest].default:
+                    raise ConfigError(f"{FLAGS_BY_DEST[dest].name} needs --manual-gc")
+        if misc.empty_unused_memory_level > 2:
+            raise ConfigError(f"--empty-unused-memory-level {misc.empty_unused_memory_level} must be 0, 1 or 2")
+
+    def _validate_megatron_flags(self) -> None:
+        """Megatron flags of values megalign does not build (megalign.config.megatron_flags); Megatron's default
+        --tokenizer-type GPT2BPETokenizer when --vocab-file or --merge-file is given without one."""
+        d = self.data
+        self._shape_fields()  # first: a model without a preset or the shape flags is the more basic error
+        if d.tokenizer_type is None and (d.vocab_file is not None or d.merge_file is not None):
+            d.tokenizer_type = "GPT2BPETokenizer"
+        has_base = self.model.model_preset is not None or self.checkpoint_model is not None
+        check_architecture_flags(self.model, has_base=has_base)
+        check_unbuilt_flags(d, self.precision, self.parallel, self.checkpointing)
+        if d.mock_data and self.misc.sft:
+            raise ConfigError(
+                "--mock-data has no conversations for --sft; give --data-path with `preprocess --sft` output"
+            )
 
     def _validate_data(self) -> None:
         d = self.data
@@ -411,6 +543,72 @@ class TrainingConfig:
             raise ConfigError("--tokenizer-model needs --tokenizer-type (how to read the model file)")
         if self.misc.seed > 2**32 - 1:
             raise ConfigError(f"--seed {self.misc.seed} must be < 2**32")
+
+
+_SUFFIXES = {"K": 10**3, "M": 10**6, "B": 10**9, "T": 10**12}
+
+
+def parse_batch_size_schedule(text: str) -> List[Tuple[int, int]]:
+    """``--step-batch-size-schedule "0:16 2.4B:320"`` -> ``[(0, 16), (2400000000, 320)]`` (threshold, batch size).
+
+    Thresholds take K/M/B/T suffixes and must start at 0 and increase; batch sizes are positive integers.
+    """
+    entries: List[Tuple[int, int]] = []
+    for item in text.split():
+        threshold, sep, size = item.partition(":")
+        scale = _SUFFIXES.get(threshold[-1:].upper(), 1)
+        number = threshold[:-1] if scale > 1 else threshold
+        try:
+            at, batch = int(round(float(number) * scale)), int(size)
+        except ValueError:
+            raise ConfigError(
+                f"--step-batch-size-schedule: {item!r} is not THRESHOLD:BATCH_SIZE (e.g. 0:16 or 2.4B:320)"
+            ) from None
+        if not sep or at < 0 or batch < 1 or (entries and at <= entries[-1][0]):
+            raise ConfigError(
+                f"--step-batch-size-schedule: {item!r}: thresholds must be >= 0 and increasing, batch sizes >= 1"
+            )
+        entries.append((at, batch))
+    if not entries or entries[0][0] != 0:
+        raise ConfigError(f"--step-batch-size-schedule {text!r} must start with a 0:BATCH_SIZE entry")
+    return entries
+
+
+def _check_batch_ramp(config: TrainingConfig) -> None:
+    """Validate --step-batch-size-schedule / --rampup-batch-size, then refuse them: not built yet."""
+    opt = config.optimization
+    if opt.step_batch_size_schedule is not None:
+        if opt.global_batch_size is not None:
+            raise ConfigError("--step-batch-size-schedule and --global-batch-size cannot be used together")
+        if opt.rampup_batch_size is not None:
+            raise ConfigError("--step-batch-size-schedule and --rampup-batch-size cannot be used together")
+        unit = config.micro_batch_size * config.data_parallel_size
+        for _, batch in parse_batch_size_schedule(opt.step_batch_size_schedule):
+            if batch % unit:
+                raise ConfigError(
+                    f"--step-batch-size-schedule: batch size {batch} must be divisible by --micro-batch-size "
+                    f"x data-parallel size ({unit})"
+                )
+        flag = f"--step-batch-size-schedule {opt.step_batch_size_schedule!r}"
+    elif opt.rampup_batch_size is not None:
+        values = opt.rampup_batch_size
+        if len(values) != 3 or not all(value.isdigit() and int(value) > 0 for value in values):
+            raise ConfigError(
+                f"--rampup-batch-size {' '.join(values)}: give three positive integers START INCREMENT SAMPLES"
+            )
+        start, increment, _ = (int(value) for value in values)
+        if (config.global_batch_size - start) % increment:
+            raise ConfigError(
+                f"--rampup-batch-size: --global-batch-size {config.global_batch_size} minus start {start} must "
+                f"be a multiple of the increment {increment}"
+            )
+        flag = f"--rampup-batch-size {' '.join(values)}"
+    else:
+        return
+    raise ConfigError(
+        f"{flag}: batch-size ramps are not built yet (megalign trains with a constant global batch size); "
+        "drop the flag and give --global-batch-size"
+    )
 
 
 SECTIONS, FLAGS = collect_flags(TrainingConfig)

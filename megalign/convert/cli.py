@@ -1,4 +1,5 @@
-"""Convert checkpoints between Hugging Face (LlamaForCausalLM, Qwen2ForCausalLM) and megalign.
+"""Convert checkpoints between Hugging Face (LlamaForCausalLM, Qwen2ForCausalLM) and megalign, and import
+Megatron-LM checkpoints.
 
 hf-to-megalign writes a megalign checkpoint (step 0, weights only) at the given tensor/pipeline-parallel
 layout; train from it with `megalign train --finetune --load SAVE ...` at any layout. The embedding and LM
@@ -6,6 +7,8 @@ head are padded with zero rows to the trainer's padded vocabulary (--make-vocab-
 tokenizer files are copied to SAVE/tokenizer/.
 megalign-to-hf writes config.json, generation_config.json, (sharded) safetensors weights and the tokenizer
 files, with the vocabulary padding stripped, loadable by transformers' AutoModelForCausalLM.
+megatron-to-megalign writes a megalign checkpoint (step 0, weights only) from a Megatron-LM / megatron-core
+GPT checkpoint in the torch_dist or legacy torch format (megalign/convert/megatron_to_megalign.py).
 """
 
 from __future__ import annotations
@@ -15,18 +18,23 @@ import argparse
 from megalign.checkpoint.model_record import DTYPES
 from megalign.convert.hf_to_megalign import convert_hf_to_megalign
 from megalign.convert.megalign_to_hf import convert_megalign_to_hf, describe
+from megalign.convert.megatron_to_megalign import convert_megatron_to_megalign
 
 EXAMPLES = """examples:
   megalign convert hf-to-megalign --hf-dir Meta-Llama-3-8B --save ckpt/llama3-8b \\
       --tensor-model-parallel-size 2 --pipeline-model-parallel-size 2
   megalign convert megalign-to-hf --load ckpt/llama3-8b-tamed --hf-dir out/llama3-8b-tamed --dtype bf16
   python tools/convert_checkpoint.py megalign-to-hf --load ckpt/run1 --hf-dir out/run1 --max-shard-size 2GB
+  megalign convert megatron-to-megalign --load megatron-runs/llama3-8b --save ckpt/llama3-8b-from-megatron \
+      --tensor-model-parallel-size 2 --vocab-size 128256
 """
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Add the hf-to-megalign and megalign-to-hf sub-commands."""
-    sub = parser.add_subparsers(dest="direction", required=True, metavar="{hf-to-megalign,megalign-to-hf}")
+    """Add the hf-to-megalign, megalign-to-hf and megatron-to-megalign sub-commands."""
+    sub = parser.add_subparsers(
+        dest="direction", required=True, metavar="{hf-to-megalign,megalign-to-hf,megatron-to-megalign}"
+    )
     imp = sub.add_parser(
         "hf-to-megalign",
         help="Hugging Face folder -> megalign checkpoint",
@@ -57,9 +65,31 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--vocab-size",
         type=int,
         default=None,
-        help="HF vocabulary size to cut the padded embedding to (default: the size recorded at import)",
+        help="HF vocabulary size to cut the padded embedding to (default: the true vocabulary the checkpoint records)",
     )
     exp.add_argument("--no-progress", action="store_true", help="do not print progress lines")
+    meg = sub.add_parser(
+        "megatron-to-megalign",
+        help="Megatron-LM checkpoint (torch_dist or torch) -> megalign checkpoint",
+        description="Import a Megatron-LM / megatron-core GPT checkpoint (LLaMA-style: RMSNorm, SwiGLU, RoPE, "
+        "GQA) saved at any TP/PP, in the torch_dist or legacy torch format, as a megalign checkpoint.",
+        epilog="examples:\n  megalign convert megatron-to-megalign --load runs/llama3 --save ckpt/llama3 "
+        "--ckpt-step 5000 --tensor-model-parallel-size 2\n  megalign convert megalign-to-hf --load ckpt/llama3 "
+        "--hf-dir out/llama3 --dtype bf16",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    meg.add_argument("--load", required=True, help="Megatron --save directory, or one iter_NNNNNNN/ inside it")
+    meg.add_argument("--save", required=True, help="checkpoint directory to create (must not hold a checkpoint)")
+    meg.add_argument("--ckpt-step", type=int, default=None, help="import iter_{N} instead of the latest")
+    meg.add_argument("--tensor-model-parallel-size", type=int, default=1, help="TP size of the files (default 1)")
+    meg.add_argument("--pipeline-model-parallel-size", type=int, default=1, help="PP size of the files (default 1)")
+    meg.add_argument(
+        "--vocab-size",
+        type=int,
+        default=None,
+        help="true vocabulary size; rows past it are padding (default: the args' vocab_size, else every row)",
+    )
+    meg.add_argument("--no-progress", action="store_true", help="do not print progress lines")
 
 
 def main(args: argparse.Namespace) -> int:
@@ -71,6 +101,17 @@ def main(args: argparse.Namespace) -> int:
             args.tensor_model_parallel_size,
             args.pipeline_model_parallel_size,
             args.make_vocab_size_divisible_by,
+            progress=not args.no_progress,
+        )
+        print(f"wrote megalign checkpoint {path}")
+    elif args.direction == "megatron-to-megalign":
+        path = convert_megatron_to_megalign(
+            args.load,
+            args.save,
+            args.tensor_model_parallel_size,
+            args.pipeline_model_parallel_size,
+            args.ckpt_step,
+            args.vocab_size,
             progress=not args.no_progress,
         )
         print(f"wrote megalign checkpoint {path}")

@@ -1,11 +1,12 @@
 """Export a megalign checkpoint (any TP/PP layout) as a Hugging Face LlamaForCausalLM / Qwen2ForCausalLM folder.
 
 Whole global tensors are read one at a time (``Checkpoint.read_tensor`` assembles them from whatever files
-hold their parts), the vocabulary padding is stripped back to the HF vocabulary size recorded at import
-(``extra["hf"]["vocab_size"]``, or ``vocab_size`` given by the caller), and the tensors are written in
+hold their parts), the vocabulary padding is stripped back to the checkpoint's true vocabulary (see
+megalign.checkpoint.model_record; or ``vocab_size`` given by the caller), and the tensors are written in
 size-bounded shards ``model-0000i-of-0000n.safetensors`` with ``model.safetensors.index.json`` (one
 ``model.safetensors`` when everything fits one shard), next to ``config.json``, ``generation_config.json``
-and the tokenizer files kept in ``LOAD/tokenizer/``. The folder is built in a temp directory and renamed
+and the tokenizer files kept in ``LOAD/tokenizer/`` (imported checkpoints, and training runs started from one
+or with a Hugging Face tokenizer, carry them). The folder is built in a temp directory and renamed
 into place. Memory: about one shard.
 """
 
@@ -21,12 +22,12 @@ from typing import Any, Dict, List, Optional, Tuple, Union
 import torch
 
 from megalign.checkpoint.hf_files import GENERATION_CONFIG, copy_tokenizer_files
-from megalign.checkpoint.model_record import DTYPES, TOKENIZER_DIR, checkpoint_model_config
-from megalign.checkpoint.storage import Checkpoint, load_checkpoint
+from megalign.checkpoint.model_record import DTYPES, ModelRecord, read_model_record
+from megalign.checkpoint.storage import load_checkpoint
 from megalign.config.model import to_hf_config
 from megalign.convert.hf_to_megalign import VOCAB_TENSORS
 from megalign.errors import ConfigError, DataFormatError
-from megalign.model.hf_weights import weight_names
+from megalign.model.hf_weights import hf_norm_weight, weight_names
 from megalign.utils.atomic import fsync_dir, write_json_atomic
 from megalign.utils.progress import ProgressMeter
 from megalign.utils.safetensors_stream import StreamingSafetensorsWriter, tensor_nbytes
@@ -64,11 +65,10 @@ def parse_size(text: Union[str, int]) -> int:
     return value
 
 
-def _hf_info(checkpoint: Checkpoint, padded: int, vocab_size: Optional[int]) -> Tuple[int, Optional[str], Dict]:
+def _hf_info(record: ModelRecord, vocab_size: Optional[int]) -> Tuple[int, Optional[str], Dict]:
     """(HF vocabulary size, architecture or None, original config.json or {})."""
-    recorded = checkpoint.extra.get("hf")
-    hf: Dict[str, Any] = recorded if isinstance(recorded, dict) else {}
-    vocab = vocab_size if vocab_size is not None else hf.get("vocab_size", padded)
+    hf, padded = record.hf, record.model_config.vocab_size
+    vocab = vocab_size if vocab_size is not None else record.true_vocab_size
     if not isinstance(vocab, int) or not 0 < vocab <= padded:
         raise ConfigError(f"vocabulary size {vocab!r} must be a positive integer <= the checkpoint's {padded} rows")
     original = hf.get("config")
@@ -151,9 +151,8 @@ def convert_megalign_to_hf(
 ) -> Path:
     """Write the checkpoint in ``load_dir`` (latest, or ``step``) as a Hugging Face folder ``hf_dir``.
 
-    ``dtype``: bf16, fp16 or fp32. ``vocab_size`` overrides the HF vocabulary size recorded at import
-    (needed for a trainer checkpoint whose padding should be stripped). ``hf_dir`` must not exist or be
-    empty. Returns ``hf_dir``.
+    ``dtype``: bf16, fp16 or fp32. ``vocab_size`` overrides the recorded true vocabulary (the rows kept).
+    ``hf_dir`` must not exist or be empty. Returns ``hf_dir``.
     """
     if dtype not in DTYPES:
         raise ConfigError(f"--dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
@@ -162,9 +161,9 @@ def convert_megalign_to_hf(
     if target.exists() and (not target.is_dir() or any(target.iterdir())):
         raise ConfigError(f"--hf-dir {target}: exists and is not an empty directory; choose a new one")
     checkpoint = load_checkpoint(load_dir, step)
-    padded_config = checkpoint_model_config(checkpoint)
-    vocab, architecture, original = _hf_info(checkpoint, padded_config.vocab_size, vocab_size)
-    config = dataclasses.replace(padded_config, vocab_size=vocab)
+    record = read_model_record(checkpoint)
+    vocab, architecture, original = _hf_info(record, vocab_size)
+    config = dataclasses.replace(record.model_config, vocab_size=vocab, true_vocab_size=None)
     hf_config = {
         **{k: original[k] for k in _TOKEN_IDS if k in original},
         **to_hf_config(config, architecture),
@@ -192,14 +191,13 @@ def convert_megalign_to_hf(
                     f"{checkpoint.path}: tensor {ours} has shape {list(stored[ours].shape)}, the "
                     f"model config implies {list(shape)}"
                 )
-            tensor = tensor.to(DTYPES[dtype])
+            tensor = hf_norm_weight(ours, tensor, config).to(DTYPES[dtype])  # 1 + w for --apply-layernorm-1p
             writer.add(hf_name, tensor)
             meter.update(tensors=1, bytes=tensor.numel() * tensor.element_size())
         writer.finish()
         write_json_atomic(tmp / "config.json", hf_config)
-        tokenizer_dir = checkpoint.path.parent / TOKENIZER_DIR
-        if tokenizer_dir.is_dir():
-            copy_tokenizer_files(tokenizer_dir, tmp)
+        if record.tokenizer_dir is not None:
+            copy_tokenizer_files(record.tokenizer_dir, tmp)
         if not (tmp / GENERATION_CONFIG).exists():
             write_json_atomic(
                 tmp / GENERATION_CONFIG,

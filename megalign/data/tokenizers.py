@@ -1,4 +1,5 @@
-"""Tokenizers: one small interface over SentencePiece, Hugging Face `tokenizers`, tiktoken and a null tokenizer.
+"""Tokenizers: one small interface over SentencePiece, Hugging Face `tokenizers`, tiktoken, GPT-2's byte-level BPE
+(a vocab.json and a merges.txt) and a null tokenizer.
 
 Types are named as in Megatron-LM's --tokenizer-type (see TOKENIZER_TYPES and docs/tokenizers.md):
 
@@ -242,8 +243,14 @@ class Tokenizer(abc.ABC):
         )
 
 
-def _rebuild(tokenizer_type: str, model: Optional[str], vocab_size: Optional[int] = None) -> Tokenizer:
-    return build_tokenizer(tokenizer_type, model, vocab_size=vocab_size)
+def _rebuild(
+    tokenizer_type: str,
+    model: Optional[str],
+    vocab_size: Optional[int] = None,
+    vocab_file: Optional[str] = None,
+    merge_file: Optional[str] = None,
+) -> Tokenizer:
+    return build_tokenizer(tokenizer_type, model, vocab_size=vocab_size, vocab_file=vocab_file, merge_file=merge_file)
 
 
 class SentencePieceTokenizer(Tokenizer):
@@ -300,7 +307,22 @@ class SentencePieceTokenizer(Tokenizer):
         return self._sp.decode(ids)
 
 
-class HuggingFaceTokenizer(Tokenizer):
+class _TokenizersLibraryTokenizer(Tokenizer):
+    """A tokenizer held as a `tokenizers` library ``Tokenizer`` in ``self._tok`` (special tokens kept as text)."""
+
+    _tok: Any
+
+    def encode(self, text: str) -> List[int]:
+        return self._tok.encode(text, add_special_tokens=False).ids
+
+    def encode_batch(self, texts: Sequence[str]) -> List[List[int]]:
+        return [encoding.ids for encoding in self._tok.encode_batch(list(texts), add_special_tokens=False)]
+
+    def _decode(self, ids: List[int]) -> str:
+        return self._tok.decode(ids, skip_special_tokens=False)
+
+
+class HuggingFaceTokenizer(_TokenizersLibraryTokenizer):
     """A Hugging Face fast tokenizer: tokenizer.json (a file, or a folder holding one), loaded with `tokenizers`.
 
     bos/eos/pad come from tokenizer_config.json (else special_tokens_map.json) next to tokenizer.json,
@@ -398,15 +420,6 @@ class HuggingFaceTokenizer(Tokenizer):
         if key in config:  # explicitly null
             return None
         return next((self.special_tokens[name] for name in fallback_names if name in self.special_tokens), None)
-
-    def encode(self, text: str) -> List[int]:
-        return self._tok.encode(text, add_special_tokens=False).ids
-
-    def encode_batch(self, texts: Sequence[str]) -> List[List[int]]:
-        return [encoding.ids for encoding in self._tok.encode_batch(list(texts), add_special_tokens=False)]
-
-    def _decode(self, ids: List[int]) -> str:
-        return self._tok.decode(ids, skip_special_tokens=False)
 
     def apply_chat_template(self, messages: List[Dict[str, str]], add_generation_prompt: bool = False) -> str:
         """The tokenizer's own Jinja chat_template when it has one (and jinja2 is installed), else the fixed one."""
@@ -542,6 +555,85 @@ class TikTokenizer(Tokenizer):
         return self._encoding.decode(ids)
 
 
+class GPT2BPETokenizer(_TokenizersLibraryTokenizer):
+    """Megatron's GPT2BPETokenizer: GPT-2's byte-level BPE from a ``vocab.json`` (token -> id) and a
+    ``merges.txt`` (one merge "a b" a line, after an optional ``#version`` line), as --vocab-file and
+    --merge-file give them; ``<|endoftext|>`` is the end-of-document token and encodes as one id."""
+
+    END_OF_TEXT = "<|endoftext|>"
+
+    def __init__(self, tokenizer_type: str, vocab_file: str, merge_file: str) -> None:
+        super().__init__(tokenizer_type, vocab_file)
+        from tokenizers import AddedToken, decoders, models, pre_tokenizers
+        from tokenizers import Tokenizer as HFTokenizer
+
+        self.vocab_file, self.merge_file = vocab_file, merge_file
+        try:
+            vocab = json.loads(self._read_defining_file(vocab_file, "vocab file (--vocab-file)"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as error:
+            raise TokenizerError(f"{tokenizer_type}: vocab file '{vocab_file}' is not valid JSON ({error})") from None
+        if not isinstance(vocab, dict) or not all(isinstance(i, int) and i >= 0 for i in vocab.values()):
+            raise TokenizerError(
+                f"{tokenizer_type}: vocab file '{vocab_file}' must be a JSON object of token -> id (GPT-2's vocab.json)"
+            )
+        merges = self._parse_merges(self._read_defining_file(merge_file, "merge file (--merge-file)"))
+        missing = sorted({part for pair in merges for part in pair if part not in vocab})
+        if missing:
+            raise TokenizerError(
+                f"{tokenizer_type}: merge file '{merge_file}' uses {len(missing)} piece(s) that vocab file "
+                f"'{vocab_file}' lacks (e.g. {missing[0]!r}); are these files from the same tokenizer?"
+            )
+        if self.END_OF_TEXT not in vocab:
+            raise TokenizerError(
+                f"{tokenizer_type}: vocab file '{vocab_file}' has no {self.END_OF_TEXT} token, which GPT-2 "
+                "tokenizers use as end-of-document"
+            )
+        self._tok = HFTokenizer(models.BPE(vocab, merges))
+        self._tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        self._tok.decoder = decoders.ByteLevel()
+        self._tok.add_special_tokens([AddedToken(self.END_OF_TEXT, special=True)])
+        self.vocab_size = max(vocab.values()) + 1
+        self.eod = self.eos = vocab[self.END_OF_TEXT]
+        self.special_tokens = {self.END_OF_TEXT: self.eod}
+
+    def _parse_merges(self, data: bytes) -> List[Tuple[str, str]]:
+        merges: List[Tuple[str, str]] = []
+        for number, line in enumerate(data.decode("utf-8", errors="strict").splitlines(), start=1):
+            if not line.strip() or (number == 1 and line.startswith("#version")):
+                continue
+            parts = line.split(" ")
+            if len(parts) != 2 or not all(parts):
+                raise TokenizerError(
+                    f"{self.tokenizer_type}: {self.merge_file}:{number}: expected two pieces separated by one "
+                    f"space (GPT-2's merges.txt), got {line[:60]!r}"
+                )
+            merges.append((parts[0], parts[1]))
+        return merges
+
+    def describe(self) -> dict:
+        return {**super().describe(), "merge_file": self.merge_file}
+
+    def _rebuild_args(self) -> tuple:
+        return (self.tokenizer_type, None, None, self.vocab_file, self.merge_file)
+
+
+def _gpt2_files(model: Optional[str], vocab_file: Optional[str], merge_file: Optional[str]) -> Tuple[str, str]:
+    """--vocab-file and --merge-file, or ``vocab.json`` and ``merges.txt`` in the folder --tokenizer-model names."""
+    if model and os.path.isdir(model) and vocab_file is None and merge_file is None:
+        vocab_file, merge_file = os.path.join(model, "vocab.json"), os.path.join(model, "merges.txt")
+    elif model:
+        raise TokenizerError(
+            "GPT2BPETokenizer takes --vocab-file and --merge-file (or --tokenizer-model naming a folder that "
+            f"holds vocab.json and merges.txt), not --tokenizer-model '{model}' with them"
+        )
+    if vocab_file is None or merge_file is None:
+        raise TokenizerError(
+            "GPT2BPETokenizer needs --vocab-file (vocab.json) and --merge-file (merges.txt), or --tokenizer-model "
+            "naming a folder that holds both"
+        )
+    return os.fspath(vocab_file), os.fspath(merge_file)
+
+
 class NullTokenizer(Tokenizer):
     """Megatron's NullTokenizer: text is whitespace-separated integer ids; eod = the given vocab size.
 
@@ -584,11 +676,18 @@ class NullTokenizer(Tokenizer):
 
 
 def build_tokenizer(
-    tokenizer_type: str, tokenizer_model: Optional[str] = None, *, vocab_size: Optional[int] = None
+    tokenizer_type: str,
+    tokenizer_model: Optional[str] = None,
+    *,
+    vocab_size: Optional[int] = None,
+    vocab_file: Optional[str] = None,
+    merge_file: Optional[str] = None,
 ) -> Tokenizer:
     """Load a tokenizer by Megatron type name (TOKENIZER_TYPES) from a local model path.
 
     `vocab_size` is only for NullTokenizer (Megatron's --vocab-size): ids 0..vocab_size-1, eod = vocab_size.
+    `vocab_file` / `merge_file` only for GPT2BPETokenizer (or a `tokenizer_model` folder holding vocab.json and
+    merges.txt).
     """
     if tokenizer_type not in TOKENIZER_TYPES:
         close = difflib.get_close_matches(str(tokenizer_type), TOKENIZER_TYPES, n=1)
@@ -596,12 +695,20 @@ def build_tokenizer(
         raise TokenizerError(
             f"unknown tokenizer type '{tokenizer_type}'{hint}; valid types: {', '.join(TOKENIZER_TYPES)}"
         )
+    if tokenizer_type != "GPT2BPETokenizer" and (vocab_file is not None or merge_file is not None):
+        raise TokenizerError(f"--vocab-file and --merge-file are for GPT2BPETokenizer, not {tokenizer_type}")
     if tokenizer_type == "NullTokenizer":
         if tokenizer_model:
             raise TokenizerError("NullTokenizer takes no model file; give --vocab-size instead")
         if vocab_size is None or int(vocab_size) <= 0:
             raise TokenizerError("NullTokenizer needs a positive vocab_size (--vocab-size); its eod id is vocab_size")
         return NullTokenizer(tokenizer_type, int(vocab_size))
+    if tokenizer_type == "GPT2BPETokenizer":
+        if vocab_size is not None:
+            raise TokenizerError(
+                "vocab_size is only for NullTokenizer; GPT2BPETokenizer takes its vocabulary from --vocab-file"
+            )
+        return GPT2BPETokenizer(tokenizer_type, *_gpt2_files(tokenizer_model, vocab_file, merge_file))
     if vocab_size is not None:
         raise TokenizerError(
             f"vocab_size is only for NullTokenizer; {tokenizer_type} takes its vocabulary from '{tokenizer_model}'"

@@ -2,7 +2,7 @@
 
 Pre-training packs documents into --seq-length samples (GPTDataset, blended by --data-path weights and cut
 by --split); with --sft each sample is one conversation from `preprocess --sft` output, padded or truncated,
-with the loss on the assistant replies only.
+with the loss on the assistant replies only; with --mock-data the samples are synthetic (megalign.data.mock_dataset).
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ def build_training_datasets(
 ) -> Tuple[Any, Optional[Any]]:
     """(train, valid) with at least ``sizes`` = [train, valid, test] samples; valid is None when
     ``sizes[1]`` is 0. ConfigError when --split leaves a needed split without documents."""
-    build = _sft_datasets if sft else _gpt_datasets
+    build = _mock_datasets if data.mock_data else _sft_datasets if sft else _gpt_datasets
     train, valid = build(data, seq_length, seed, list(sizes), tokenizer, log)
     if train is None:
         raise ConfigError(f"--split {data.split} leaves no documents for training; give the train part a share")
@@ -46,6 +46,19 @@ def _data_path(data: DataSection) -> List[str]:
     if data.data_path is None:
         raise ConfigError("--data-path is required for training (prefixes written by `megalign preprocess`)")
     return data.data_path
+
+
+def _mock_datasets(
+    data: DataSection, seq_length: int, seed: int, sizes: List[int], tokenizer: Tokenizer, log: Callable[[str], None]
+) -> Tuple[Any, Any]:
+    """--mock-data: Megatron's synthetic documents, packed into --seq-length samples (no files)."""
+    from megalign.data.mock_dataset import build_mock_datasets
+
+    log("data: --mock-data, synthetic documents (no --data-path)")
+    train, valid, _ = build_mock_datasets(
+        data.split, sizes, seq_length, tokenizer.vocab_size, tokenizer.eod, data.eod_mask_loss
+    )
+    return train, valid
 
 
 def _gpt_datasets(

@@ -1,4 +1,4 @@
-"""End-to-end demo on the shipped sample corpus (CPU, about a minute and a half).
+"""End-to-end demo on the shipped sample corpus (CPU, about two minutes).
 
 Runs each pipeline step as the CLI command a user would type (printed before it runs), then builds
 the training datasets through the Python API and prints decoded samples. Steps so far:
@@ -24,6 +24,11 @@ the training datasets through the Python API and prints decoded samples. Steps s
  11. export the checkpoint trained at TP 2 x PP 2 as a Hugging Face folder and check that transformers
      gives the same loss as megalign on a batch; the folder loaded back directly (--hf-dir) gives the
      same logits                                          (megalign convert megalign-to-hf)
+ 12. Megatron-LM's own Llama-3 launch flags as they are, at tiny sizes on --mock-data with Llama-3's
+     128,256-token vocabulary: the fp8 flags are refused by name; the rest trains at TP 4 on 4 processes,
+     started from scratch by the --save X --load X idiom (rows padded to 128,512); the checkpoint resumes
+     in one process with --use-checkpoint-args and no shape flags (128,384 rows at TP 1)
+                                     (torchrun ... pretrain_gpt.py <Megatron's flags>, --use-checkpoint-args)
 """
 
 from __future__ import annotations

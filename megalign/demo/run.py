@@ -85,8 +85,6 @@ def split_by_language(corpus: Path, out_dir: Path) -> List[Path]:
 def parallel_training(workdir: Path, data_path: str, tokenizer_model: Path) -> None:
     """Train 20 steps at TP 2 x PP 2 (+ sequence parallel) on 4 local processes with torchrun, then resume that
     checkpoint in one process (a different layout) to step 30."""
-    import subprocess
-
     save = workdir / "parallel_checkpoints"
     if save.exists():
         shutil.rmtree(save)
@@ -130,35 +128,22 @@ def parallel_training(workdir: Path, data_path: str, tokenizer_model: Path) -> N
         "--save",
         str(save),
     ]
-    command = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc-per-node",
-        "4",
-        "-m",
-        "megalign.cli",
-        "train",
-        *common,
-        "--tensor-model-parallel-size",
-        "2",
-        "--pipeline-model-parallel-size",
-        "2",
-        "--sequence-parallel",
-        "--distributed-backend",
-        "gloo",
-        "--train-iters",
-        "20",
-        "--eval-interval",
-        "20",
-    ]
+    layout = ["--tensor-model-parallel-size", "2", "--pipeline-model-parallel-size", "2", "--sequence-parallel"]
+    _torchrun([*common, *layout, "--train-iters", "20", "--eval-interval", "20"], 4)
+    _run("train", [*common, "--load", str(save), "--train-iters", "30", "--eval-interval", "30"])
+
+
+def _torchrun(argv: Sequence[str], processes: int) -> None:
+    """Print and run `torchrun --nproc-per-node PROCESSES ... megalign train ARGV` on gloo (CPU processes)."""
+    import subprocess
+
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(processes),
+               "-m", "megalign.cli", "train", *argv, "--distributed-backend", "gloo"]  # fmt: skip
     print("$ " + " ".join(shlex.quote(a) for a in ["torchrun", *command[3:]]), flush=True)
     environment = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
     environment["OMP_NUM_THREADS"] = "1"
     if subprocess.run(command, env=environment).returncode != 0:
         raise MegalignError("demo step `torchrun ... megalign train` (parallel training) failed")
-    _run("train", [*common, "--load", str(save), "--train-iters", "30", "--eval-interval", "30"])
 
 
 def hf_export(workdir: Path, load: Path, data_path: str, tokenizer_model: Path, sequence_length: int) -> None:
@@ -333,7 +318,7 @@ def run_demo(args: argparse.Namespace, corpus: Path) -> int:
     _step("4. Blended GPT datasets (80% Arabic / 20% English), split, cached indices, DP sampler")
     show_datasets(prefixes, tokenizer_model, workdir / "index_cache", args.sequence_length)
 
-    _step("5. Train the tiny LLaMA-style preset (stops and checkpoints half-way)")
+    _step("5. Train the tiny LLaMA-style preset with --save X --load X (X empty: from scratch; stops half-way)")
     checkpoints = workdir / "checkpoints"
     if checkpoints.exists():
         shutil.rmtree(checkpoints)
@@ -385,7 +370,7 @@ def run_demo(args: argparse.Namespace, corpus: Path) -> int:
         "--tensorboard-dir",
         str(workdir / "tensorboard"),
     ]
-    _run("train", [*train_args, "--train-iters", str(half)])
+    _run("train", [*train_args, "--train-iters", str(half), "--load", str(checkpoints)])  # --save X --load X
 
     _step("6. Resume from the checkpoint and finish the run (model, optimizer, schedule, data position)")
     _run("train", [*train_args, "--train-iters", str(args.train_iters), "--load", str(checkpoints)])
@@ -481,6 +466,15 @@ def run_demo(args: argparse.Namespace, corpus: Path) -> int:
     hf_export(
         workdir, workdir / "parallel_checkpoints", str(workdir / "data" / "all_text_document"), tokenizer_model, 64
     )
+
+    _step(
+        "12. Megatron-LM's own Llama-3 launch flags as they are (tiny sizes, --mock-data, Llama-3's 128,256-token "
+        "vocabulary): fp8 refused, TP 4 on 4 processes from scratch (--save X --load X), resumed in one process "
+        "with --use-checkpoint-args"
+    )
+    from megalign.demo.megatron_dropin import megatron_dropin
+
+    megatron_dropin(workdir, _run, _torchrun)
 
     print(f"\ndemo finished in {time.perf_counter() - started:.1f}s; outputs in {workdir}/", flush=True)
     return 0

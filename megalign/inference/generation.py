@@ -163,8 +163,10 @@ class Generator:
     def decoder(self) -> Union[FastDecoder, ModelDecoder]:
         """The decoder the next batch runs on: a :class:`FastDecoder` over the model's current weights (built
         once per model and reused while they are unchanged), or the model's own cached forward when ``fast``
-        is False."""
-        if not self.fast:
+        is False, or for the Megatron options FastDecoder does not compute (--apply-layernorm-1p norms,
+        --rotary-seq-len-interpolation-factor)."""
+        config = self.model.config
+        if not self.fast or config.apply_layernorm_1p or config.rotary_interpolation_factor is not None:
             return ModelDecoder(self.model, self.vocab_size)
         return FastDecoder.for_model(self.model, self.vocab_size, self.max_length)
 

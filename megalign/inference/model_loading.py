@@ -34,6 +34,7 @@ from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Tuple
 
 import torch
 
+from megalign.checkpoint.format import VOCAB_TENSORS
 from megalign.checkpoint.hf_files import HFModelFolder
 from megalign.checkpoint.model_record import DTYPES, TOKENIZER_DIR, checkpoint_model_config
 from megalign.checkpoint.storage import Checkpoint, load_checkpoint
@@ -56,7 +57,6 @@ __all__ = [
 
 PathLike = Union[str, Path]
 Device = Union[str, torch.device]
-_VOCAB_TENSORS = ("embed_tokens.weight", "lm_head.weight")  # rows padded to the padded vocabulary
 
 
 @dataclass
@@ -326,7 +326,9 @@ def load_hf_model(
             )
         hf_config = from_hf_config(folder.config)
         config = dataclasses.replace(
-            hf_config, vocab_size=padded_vocab_size(hf_config.vocab_size, make_vocab_size_divisible_by)
+            hf_config,
+            vocab_size=padded_vocab_size(hf_config.vocab_size, make_vocab_size_divisible_by),
+            true_vocab_size=hf_config.vocab_size,
         )
         if tokenizer is not None:
             if tokenizer_type is not None or tokenizer_model is not None:
@@ -347,7 +349,7 @@ def load_hf_model(
             state = hf_state_dict_to_megalign(_LazyHFState(folder, DTYPES[dtype]), hf_config)
         except DataFormatError as exc:
             raise DataFormatError(f"--hf-dir {folder.path}: {exc}") from None
-        for name in _VOCAB_TENSORS:
+        for name in VOCAB_TENSORS:  # rows padded to the padded vocabulary
             if name in state:
                 state[name] = _pad_rows(state[name], config.vocab_size)
         model = _build_model(config, state, attention_backend, device, f"--hf-dir {folder.path}")

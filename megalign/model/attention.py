@@ -17,6 +17,12 @@ values are written into the preallocated cache and the queries attend to every c
 cache's mask (causal over the cache offset, segments keeping left padding out). This path always runs on
 torch SDPA, whatever the backend option (the GPU kernels' fixed causal masks do not cover a cache offset
 with padding); without a cache nothing changes.
+
+Heads are ``config.head_dim`` wide (Megatron's --kv-channels, else hidden / heads), so q_proj writes and o_proj
+reads ``num_attention_heads * head_dim`` features. Attention dropout (``config.attention_dropout``, training
+only) drops attention probabilities with a mask drawn per global head from the seed the caller passes
+(:class:`~megalign.model.attention_backends.AttentionDropout`): the same at any TP size, and again the same
+when selective recomputation reruns the core.
 """
 
 from __future__ import annotations
@@ -30,7 +36,7 @@ from torch.utils.checkpoint import checkpoint
 
 from megalign.config.model import ModelConfig, ModelOptions
 from megalign.errors import ConfigError
-from megalign.model.attention_backends import document_causal_mask, dot_product_attention
+from megalign.model.attention_backends import AttentionDropout, document_causal_mask, dot_product_attention
 from megalign.ops import apply_rotary
 from megalign.parallel import (
     ColumnParallelLinear,
@@ -84,8 +90,13 @@ class Attention(nn.Module):
         self.num_kv_heads = 1 if kv_replicas > 1 else divide(kv_heads, tp, "num_key_value_heads")
         self.backend = options.attention_backend
         self.recompute_core = options.recompute_granularity == "selective"
-        hidden, kv_size = config.hidden_size, config.num_key_value_heads * config.head_dim
-        self.q_proj = ColumnParallelLinear(hidden, hidden, context, bias=config.qkv_bias, init_method=init_method)
+        self.dropout_p = config.attention_dropout
+        hidden, kv_size, q_size = (
+            config.hidden_size,
+            config.num_key_value_heads * config.head_dim,
+            config.attention_size,
+        )
+        self.q_proj = ColumnParallelLinear(hidden, q_size, context, bias=config.qkv_bias, init_method=init_method)
         self.k_proj = ColumnParallelLinear(
             hidden, kv_size, context, bias=config.qkv_bias, init_method=init_method, replicas=kv_replicas
         )
@@ -93,7 +104,7 @@ class Attention(nn.Module):
             hidden, kv_size, context, bias=config.qkv_bias, init_method=init_method, replicas=kv_replicas
         )
         self.o_proj = RowParallelLinear(
-            hidden, hidden, context, bias=False, input_is_parallel=True, init_method=output_init_method
+            q_size, hidden, context, bias=False, input_is_parallel=True, init_method=output_init_method
         )
 
     def forward(
@@ -103,20 +114,26 @@ class Attention(nn.Module):
         sin: torch.Tensor,
         segment_ids: Optional[torch.Tensor] = None,
         cache: Optional["LayerCache"] = None,
+        dropout_seed: Optional[int] = None,
     ) -> torch.Tensor:
         """``x`` ``[batch, seq, hidden]`` → ``[batch, seq, hidden]`` (``[batch, seq / tp, hidden]`` in and out under
         sequence parallelism); ``cos``/``sin`` from ``rotary_cos_sin``, for the full sequence. With ``cache``,
-        ``x`` holds only the new tokens (``segment_ids`` are then the cache's business, not used here)."""
+        ``x`` holds only the new tokens (``segment_ids`` are then the cache's business, not used here).
+        ``dropout_seed``: draw the attention-dropout masks from it (training; None: no dropout)."""
         x = column_parallel_input(x, self.context)
         batch, seq, _ = x.shape
         q = self.q_proj(x, input_prepared=True).view(batch, seq, self.num_heads, self.head_dim)
         k = self.k_proj(x, input_prepared=True).view(batch, seq, self.num_kv_heads, self.head_dim)
         v = self.v_proj(x, input_prepared=True).view(batch, seq, self.num_kv_heads, self.head_dim)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        dropout = None
+        if dropout_seed is not None and self.dropout_p > 0 and self.training and cache is None:
+            first_head = self.context.tensor_model_parallel_rank * self.num_heads
+            dropout = AttentionDropout(self.dropout_p, dropout_seed, first_head)
         if cache is not None:
             out = cached_attention(q, *cache.update(k, v))
         elif self.recompute_core and torch.is_grad_enabled():
-            out = checkpoint(dot_product_attention, q, k, v, segment_ids, self.backend, use_reentrant=False)
+            out = checkpoint(dot_product_attention, q, k, v, segment_ids, self.backend, dropout, use_reentrant=False)
         else:
-            out = dot_product_attention(q, k, v, segment_ids, self.backend)
+            out = dot_product_attention(q, k, v, segment_ids, self.backend, dropout)
         return self.o_proj(out.reshape(batch, seq, self.num_heads * self.head_dim))

@@ -10,6 +10,10 @@ reference and the CPU path; the GPU libraries are imported only when chosen, so 
   Engine when installed and the tensors are on CUDA, else SDPA. Decided per call from the tensors.
 * ``flash`` / ``te`` / ``sdpa``: that backend; :func:`check_attention_backend` refuses at start a backend that
   cannot run (not installed, CPU tensors, fp32 for flash-attn), naming what is missing.
+* Megatron's names: ``fused`` is Transformer Engine where it can run, else SDPA (one warning line at start);
+  ``unfused`` and ``local`` are the explicit ``softmax(q kᵀ / sqrt(d)) v`` in PyTorch (``math``), the kernel
+  that also runs whenever attention dropout is active in training (its mask must be drawn per head from a
+  seed, identically at any tensor-parallel size; the fused kernels draw their own).
 
 flash-attn treats each run of equal ``segment_ids`` in a row as one document (varlen kernel): packed samples
 from GPTDataset have exactly that shape. SDPA and Transformer Engine use the dense document mask.
@@ -18,6 +22,8 @@ from GPTDataset have exactly that shape. SDPA and Transformer Engine use the den
 from __future__ import annotations
 
 import importlib
+import logging
+from dataclasses import dataclass
 from typing import Any, Callable, Dict, Optional, Tuple
 
 import torch
@@ -28,14 +34,47 @@ from megalign.errors import ConfigError
 
 __all__ = [
     "ATTENTION_BACKENDS",
+    "AttentionDropout",
     "check_attention_backend",
     "cumulative_document_lengths",
     "document_causal_mask",
     "dot_product_attention",
+    "mix_seed",
     "resolve_attention_backend",
 ]
 
 _HALF = (torch.float16, torch.bfloat16)
+_MEGATRON_NAMES = {"unfused": "math", "local": "math"}
+logger = logging.getLogger(__name__)
+_WARNED: Dict[str, bool] = {}
+
+
+def mix_seed(seed: int, *values: int) -> int:
+    """A 63-bit seed derived from ``seed`` and ``values`` (layer, site, head, ...): equal inputs, equal seed."""
+    for value in values:
+        seed = (seed * 1_000_003 + value + 0x9E3779B9) % (2**63)
+    return seed
+
+
+@dataclass(frozen=True)
+class AttentionDropout:
+    """Dropout on the attention probabilities: probability ``p``; the mask of global query head ``h`` is drawn from
+    ``mix_seed(seed, h)``, so a tensor-parallel rank holding heads ``first_head..`` draws what one process would."""
+
+    p: float
+    seed: int
+    first_head: int = 0
+
+    def keep_mask(self, shape: Tuple[int, int, int, int], device: torch.device) -> torch.Tensor:
+        """Float mask ``[batch, heads, seq, keys]`` of 0 (dropped) and ``1 / (1 - p)`` (kept)."""
+        batch, heads, seq, keys = shape
+        masks = []
+        for head in range(heads):
+            generator = torch.Generator(device=device)
+            generator.manual_seed(mix_seed(self.seed, self.first_head + head))
+            keep = torch.empty(batch, seq, keys, device=device).bernoulli_(1.0 - self.p, generator=generator)
+            masks.append(keep)
+        return torch.stack(masks, dim=1) / (1.0 - self.p)
 
 
 _MODULES: Dict[str, Optional[Any]] = {}  # import attempts (a plain dict: torch.compile traces through it)
@@ -62,7 +101,7 @@ def _transformer_engine() -> Optional[Any]:
 
 def _unavailable(backend: str, device: torch.device, dtype: torch.dtype) -> Optional[str]:
     """Why ``backend`` cannot run on ``device``/``dtype`` tensors, or None when it can."""
-    if backend == "sdpa":
+    if backend in ("sdpa", "math"):
         return None
     package = {"flash": ("flash-attn", _flash_attn), "te": ("transformer-engine", _transformer_engine)}[backend]
     if package[1]() is None:
@@ -78,6 +117,10 @@ def resolve_attention_backend(requested: str, device: torch.device, dtype: torch
     """The backend that runs for ``requested`` on tensors of ``device`` and ``dtype`` (``auto`` picks the fastest)."""
     if requested not in ATTENTION_BACKENDS:
         raise ConfigError(f"attention backend {requested!r} is not one of {', '.join(ATTENTION_BACKENDS)}")
+    if requested in _MEGATRON_NAMES:
+        return _MEGATRON_NAMES[requested]
+    if requested == "fused":
+        return "te" if _unavailable("te", device, dtype) is None else "sdpa"
     if requested != "auto":
         return requested
     for backend in ("flash", "te"):
@@ -86,9 +129,17 @@ def resolve_attention_backend(requested: str, device: torch.device, dtype: torch
     return "sdpa"
 
 
-def check_attention_backend(requested: str, device: torch.device, dtype: torch.dtype) -> str:
-    """Resolve ``requested`` and raise ConfigError (at start, not mid-run) when it cannot run here."""
+def check_attention_backend(requested: str, device: torch.device, dtype: torch.dtype, warn: bool = True) -> str:
+    """Resolve ``requested`` and raise ConfigError (at start, not mid-run) when it cannot run here.
+
+    ``warn``: log the fused-to-SDPA fallback (a parallel job passes it on one rank only: one line per job)."""
     backend = resolve_attention_backend(requested, device, dtype)
+    if warn and requested == "fused" and backend == "sdpa" and not _WARNED.get("fused"):
+        _WARNED["fused"] = True
+        logger.warning(
+            "--attention-backend fused: Transformer Engine cannot run here (%s); using torch SDPA",
+            _unavailable("te", device, dtype),
+        )
     reason = _unavailable(backend, device, dtype)
     if reason is not None:
         raise ConfigError(
@@ -176,16 +227,48 @@ def _te(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, segment_ids: Optional
     return out.reshape(q.shape)
 
 
-_KERNELS: Dict[str, Callable[..., torch.Tensor]] = {"sdpa": _sdpa, "flash": _flash, "te": _te}
+def _math(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    segment_ids: Optional[torch.Tensor],
+    dropout: Optional[AttentionDropout] = None,
+) -> torch.Tensor:
+    """The explicit kernel: scores in fp32, causal (document) mask, softmax, optional dropout, weighted values."""
+    q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # [batch, heads, seq, head_dim]
+    if k.shape[1] != q.shape[1]:  # grouped-query heads: each k/v head serves consecutive query heads
+        groups = q.shape[1] // k.shape[1]
+        k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+    scores = torch.matmul(q.float(), k.float().transpose(-1, -2)) * q.shape[-1] ** -0.5
+    seq = q.shape[2]
+    if segment_ids is None:
+        allowed = torch.ones(seq, seq, dtype=torch.bool, device=q.device).tril_()
+    else:
+        allowed = document_causal_mask(segment_ids)
+    probs = torch.softmax(scores.masked_fill(~allowed, float("-inf")), dim=-1)
+    if dropout is not None:
+        probs = probs * dropout.keep_mask(tuple(probs.shape), probs.device)  # type: ignore[arg-type]
+    return torch.matmul(probs.to(v.dtype), v).transpose(1, 2)
+
+
+_KERNELS: Dict[str, Callable[..., torch.Tensor]] = {"sdpa": _sdpa, "flash": _flash, "te": _te, "math": _math}
 
 
 def dot_product_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, segment_ids: Optional[torch.Tensor] = None, backend: str = "auto"
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    segment_ids: Optional[torch.Tensor] = None,
+    backend: str = "auto",
+    dropout: Optional[AttentionDropout] = None,
 ) -> torch.Tensor:
     """Causal ``softmax(q kᵀ / sqrt(head_dim)) v`` of ``[batch, seq, heads, head_dim]`` tensors with ``backend``.
 
     ``k``/``v`` may have fewer heads than ``q`` (grouped-query attention: each key/value head serves
     ``q_heads / kv_heads`` consecutive query heads). With ``segment_ids`` ``[batch, seq]`` a position
-    attends only to earlier positions of its own document. Returns ``q``'s shape.
+    attends only to earlier positions of its own document. With ``dropout`` the explicit kernel runs whatever
+    ``backend`` says (see :class:`AttentionDropout`). Returns ``q``'s shape.
     """
+    if dropout is not None:
+        return _math(q, k, v, segment_ids, dropout)
     return _KERNELS[resolve_attention_backend(backend, q.device, q.dtype)](q, k, v, segment_ids)

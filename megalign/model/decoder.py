@@ -26,6 +26,16 @@ sequence, so the residual stream and the norms hold ``[batch, seq / tp, hidden]`
 all-gather their input and reduce-scatter their output; the LM head all-gathers the final norm's output.
 Norm weights are replicated and their gradients summed over TP ranks (each saw part of the sequence).
 
+Megatron's model options: ``apply_layernorm_1p`` stores every norm weight as ``w - 1`` (initialised to 0) and
+scales by ``1 + w``; ``hidden_dropout`` drops features of the embedding output and of the attention and MLP
+outputs before each residual add, and ``attention_dropout`` attention probabilities, in training only
+(``model.train()``; 0 leaves the numerics untouched). The masks come from one seed per forward pass drawn
+from the global torch RNG (which the trainer seeds alike on every rank and checkpoints), mixed with the
+layer number and the site; each mask is drawn for the whole tensor (per global head for attention) and a
+rank keeps its slice, so tensor and sequence parallelism give the masks of one process, and activation
+recomputation, which receives the same seed, redraws the same masks.
+``rotary_interpolation_factor`` divides the rotary angles (linear position interpolation).
+
 Incremental decoding (``kv_cache``, a :class:`megalign.model.kv_cache.KVCache`): ``tokens`` are only the
 new tokens; their keys and values are appended to the cache, positions default to the cache offset
 onwards, and attention covers every cached slot (see the cache's module for the padding rule). Without a
@@ -45,8 +55,10 @@ from torch.utils.checkpoint import checkpoint
 
 from megalign.config.model import ModelConfig, ModelOptions
 from megalign.model.attention import Attention
+from megalign.model.attention_backends import mix_seed
 from megalign.model.mlp import MLP
 from megalign.ops import rms_norm, rotary_cos_sin
+from megalign.ops.rotary import rotary_inv_freq
 from megalign.parallel import (
     ColumnParallelLinear,
     InitMethod,
@@ -81,16 +93,36 @@ def _module_seed(base: int, index: int) -> int:
     return (base * 1_000_003 + index + 3) % (2**63)
 
 
-class RMSNorm(nn.Module):
-    """RMSNorm with a learned per-feature scale (initialised to 1), replicated on every TP rank."""
+def hidden_dropout(x: torch.Tensor, p: float, seed: int, context: ParallelContext) -> torch.Tensor:
+    """Dropout of ``x`` ``[batch, seq, hidden]`` (``seq / tp`` rows under sequence parallelism) with a mask drawn
+    from ``seed`` for the whole sequence, of which this rank keeps its rows: equal at any TP size."""
+    batch, rows, hidden = x.shape
+    sharded = context.sequence_parallel and context.tensor_model_parallel_size > 1
+    total = rows * context.tensor_model_parallel_size if sharded else rows
+    generator = torch.Generator(device=x.device)
+    generator.manual_seed(seed)
+    keep = torch.empty(batch, total, hidden, device=x.device).bernoulli_(1.0 - p, generator=generator)
+    if sharded:
+        start = context.tensor_model_parallel_rank * rows
+        keep = keep[:, start : start + rows]
+    return x * (keep / (1.0 - p)).to(x.dtype)
 
-    def __init__(self, hidden_size: int, eps: float, context: ParallelContext = ParallelContext()) -> None:
+
+class RMSNorm(nn.Module):
+    """RMSNorm with a learned per-feature scale (initialised to 1, or stored as ``w - 1`` and initialised to 0
+    when ``zero_centered``: Megatron's --apply-layernorm-1p), replicated on every TP rank."""
+
+    def __init__(
+        self, hidden_size: int, eps: float, context: ParallelContext = ParallelContext(), zero_centered: bool = False
+    ) -> None:
         super().__init__()
-        self.eps, self.context = eps, context
-        self.weight = mark_tensor_parallel(nn.Parameter(torch.ones(hidden_size)), None)
+        self.eps, self.context, self.zero_centered = eps, context, zero_centered
+        initial = torch.zeros(hidden_size) if zero_centered else torch.ones(hidden_size)
+        self.weight = mark_tensor_parallel(nn.Parameter(initial), None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return rms_norm(x, sequence_parallel_parameter(self.weight, self.context), self.eps)
+        weight = sequence_parallel_parameter(self.weight, self.context)
+        return rms_norm(x, weight, self.eps, zero_centered=self.zero_centered)
 
 
 class DecoderLayer(nn.Module):
@@ -105,9 +137,11 @@ class DecoderLayer(nn.Module):
         options: ModelOptions = ModelOptions(),
     ) -> None:
         super().__init__()
-        self.input_norm = RMSNorm(config.hidden_size, config.rms_norm_eps, context)
+        one_p = config.apply_layernorm_1p
+        self.context, self.dropout_p = context, config.hidden_dropout
+        self.input_norm = RMSNorm(config.hidden_size, config.rms_norm_eps, context, one_p)
         self.attention = Attention(config, context, init_method, output_init_method, options)
-        self.mlp_norm = RMSNorm(config.hidden_size, config.rms_norm_eps, context)
+        self.mlp_norm = RMSNorm(config.hidden_size, config.rms_norm_eps, context, one_p)
         self.mlp = MLP(config, context, init_method, output_init_method)
 
     def forward(
@@ -117,9 +151,19 @@ class DecoderLayer(nn.Module):
         sin: torch.Tensor,
         segment_ids: Optional[torch.Tensor] = None,
         cache: Optional["LayerCache"] = None,
+        dropout_seed: Optional[int] = None,
     ) -> torch.Tensor:
-        x = x + self.attention(self.input_norm(x), cos, sin, segment_ids, cache)
-        return x + self.mlp(self.mlp_norm(x))
+        """``dropout_seed``: this layer's seed for its dropout masks (training; None: no dropout)."""
+        attention_seed = None if dropout_seed is None else mix_seed(dropout_seed, 2)
+        x = x + self._dropout(
+            self.attention(self.input_norm(x), cos, sin, segment_ids, cache, attention_seed), dropout_seed, 0
+        )
+        return x + self._dropout(self.mlp(self.mlp_norm(x)), dropout_seed, 1)
+
+    def _dropout(self, x: torch.Tensor, seed: Optional[int], site: int) -> torch.Tensor:
+        if seed is None or self.dropout_p == 0 or not self.training:
+            return x
+        return hidden_dropout(x, self.dropout_p, mix_seed(seed, site), self.context)
 
 
 def recompute_plan(num_layers: int, options: ModelOptions) -> List[Tuple[range, bool]]:
@@ -187,7 +231,7 @@ class GPTModel(nn.Module):
         self.final_norm: Optional[RMSNorm] = None
         self.lm_head: Optional[ColumnParallelLinear] = None
         if self.stage.last:
-            self.final_norm = RMSNorm(config.hidden_size, config.rms_norm_eps, context)
+            self.final_norm = RMSNorm(config.hidden_size, config.rms_norm_eps, context, config.apply_layernorm_1p)
             if not config.tie_word_embeddings:
                 with _seeded(_module_seed(base, -2)):
                     self.lm_head = ColumnParallelLinear(
@@ -245,12 +289,13 @@ class GPTModel(nn.Module):
             positions = position_ids
         else:
             positions = tokens.shape[1] if kv_cache is None else kv_cache.default_positions(tokens.shape[1])
-        cos, sin = rotary_cos_sin(
-            positions, config.head_dim, config.rope_theta, config.rope_scaling, device=tokens.device
-        )
+        cos, sin = self._rotary(positions, tokens.device)
+        dropout_seed = self._dropout_seed(kv_cache is None)
         if self.stage.first:
             assert self.embed_tokens is not None  # the first stage holds the embedding
             x = self.embed_tokens(tokens)
+            if dropout_seed is not None and config.hidden_dropout > 0:
+                x = hidden_dropout(x, config.hidden_dropout, mix_seed(dropout_seed, -1), self.context)
         elif hidden_states is None:
             raise ValueError(
                 f"GPTModel: pipeline stage with layers {self.stage.layers} needs the previous stage's hidden_states"
@@ -263,9 +308,11 @@ class GPTModel(nn.Module):
         else:
             for layers, recomputed in self.recompute_plan:
                 if recomputed and recompute:
-                    x = checkpoint(self._run_layers, layers, x, cos, sin, segment_ids, use_reentrant=False)
+                    x = checkpoint(
+                        self._run_layers, layers, x, cos, sin, segment_ids, dropout_seed, use_reentrant=False
+                    )
                 else:
-                    x = self._run_layers(layers, x, cos, sin, segment_ids)
+                    x = self._run_layers(layers, x, cos, sin, segment_ids, dropout_seed)
         if not self.stage.last:
             return x
         if logits_to_keep is not None:
@@ -277,6 +324,7 @@ class GPTModel(nn.Module):
         else:
             assert self.embed_tokens is not None  # a tied LM head's stage holds the embedding table
             logits = column_parallel_linear(x, self.embed_tokens.weight, None, self.context)
+        logits = self._mask_vocab_padding(logits)
         if labels is None:  # the vocabulary shards gathered (the loss below never gathers them)
             return gather_from_tensor_parallel(logits, self.context)
         if loss_mask is None:
@@ -284,6 +332,18 @@ class GPTModel(nn.Module):
         losses = vocab_parallel_cross_entropy(logits, labels, self.context, reduction="none")
         mask = loss_mask.to(losses.dtype)
         return (losses * mask).sum() / mask.sum().clamp(min=1.0)
+
+    def _mask_vocab_padding(self, logits: torch.Tensor) -> torch.Tensor:
+        """``-inf`` for the padding rows (ids >= ``config.true_vocab_size``) in this rank's slice of the logits:
+        they never enter the softmax, so the loss, the gradients and the scores do not depend on how many rows
+        the tensor-parallel layout pads (Megatron leaves them in; an exported model has none)."""
+        real = self.config.true_vocab_size
+        local = logits.shape[-1]
+        start = self.context.tensor_model_parallel_rank * local
+        if real is None or real >= start + local:
+            return logits
+        padding = torch.arange(start, start + local, device=logits.device) >= real
+        return logits.masked_fill(padding, float("-inf"))
 
     def decoder_layer(self, index: int) -> DecoderLayer:
         """The decoder layer of global number ``index`` (one of ``stage.layers``)."""
@@ -296,11 +356,34 @@ class GPTModel(nn.Module):
         cos: torch.Tensor,
         sin: torch.Tensor,
         segment_ids: Optional[torch.Tensor],
+        dropout_seed: Optional[int] = None,
     ) -> torch.Tensor:
-        """Run the stage's layers at ``positions`` (0-based within this stage)."""
+        """Run the stage's layers at ``positions`` (0-based within this stage); ``dropout_seed`` is the forward
+        pass's (each layer mixes in its global number)."""
         for position in positions:
-            x = self.layers[str(self.stage.layers[position])](x, cos, sin, segment_ids)
+            index = self.stage.layers[position]
+            seed = None if dropout_seed is None else mix_seed(dropout_seed, index)
+            x = self.layers[str(index)](x, cos, sin, segment_ids, None, seed)
         return x
+
+    def _rotary(self, positions: Union[int, torch.Tensor], device: torch.device) -> Tuple[torch.Tensor, torch.Tensor]:
+        """cos/sin tables of ``positions``; with ``rotary_interpolation_factor`` the angles are divided by it."""
+        config = self.config
+        factor = config.rotary_interpolation_factor
+        if factor is None:
+            return rotary_cos_sin(positions, config.head_dim, config.rope_theta, config.rope_scaling, device=device)
+        pos = torch.arange(positions, device=device) if isinstance(positions, int) else positions.to(device)
+        inv_freq = rotary_inv_freq(config.head_dim, config.rope_theta, config.rope_scaling, device=device) / factor
+        angles = pos.float().unsqueeze(-1) * inv_freq
+        emb = torch.cat((angles, angles), dim=-1)
+        return emb.cos(), emb.sin()
+
+    def _dropout_seed(self, uncached: bool) -> Optional[int]:
+        """This forward pass's dropout seed, drawn from the global torch RNG; None when no dropout runs."""
+        config = self.config
+        if not (self.training and uncached and (config.hidden_dropout > 0 or config.attention_dropout > 0)):
+            return None
+        return int(torch.randint(0, 2**62, (1,)).item())
 
     def _run_cached(
         self,

@@ -1,9 +1,11 @@
 """Name mapping between Hugging Face LLaMA/Qwen2 state dicts and :class:`~megalign.model.decoder.GPTModel`'s,
 for tensor-parallel size 1 (whole tensors; the converter for any parallel layout builds on this).
 
-Tensors are passed through unchanged (same objects, dtypes and layouts: both use ``[out, in]``). With
-tied embeddings the LM head is the embedding table: HF's ``lm_head.weight`` is ignored on the way in
-and not written on the way out (as ``save_pretrained`` does).
+Tensors are passed through unchanged (same objects, dtypes and layouts: both use ``[out, in]``), except the
+norm weights of a model with ``apply_layernorm_1p`` (stored as ``w - 1``): :func:`hf_norm_weight` and
+:func:`megalign_norm_weight` convert them to and from HF's plain scale. With tied embeddings the LM head is
+the embedding table: HF's ``lm_head.weight`` is ignored on the way in and not written on the way out (as
+``save_pretrained`` does).
 """
 
 from __future__ import annotations
@@ -15,7 +17,13 @@ import torch
 from megalign.config.model import ModelConfig
 from megalign.errors import DataFormatError
 
-__all__ = ["hf_state_dict_to_megalign", "megalign_state_dict_to_hf", "weight_names"]
+__all__ = [
+    "hf_norm_weight",
+    "hf_state_dict_to_megalign",
+    "megalign_norm_weight",
+    "megalign_state_dict_to_hf",
+    "weight_names",
+]
 
 _IGNORED_HF_SUFFIXES = ("rotary_emb.inv_freq",)  # a buffer recomputed from the config
 
@@ -23,17 +31,17 @@ _IGNORED_HF_SUFFIXES = ("rotary_emb.inv_freq",)  # a buffer recomputed from the 
 def weight_names(config: ModelConfig) -> List[Tuple[str, str, Tuple[int, ...]]]:
     """``(megalign name, HF name, shape)`` for every tensor of a model of ``config``'s shape."""
     h, ffn, vocab = config.hidden_size, config.intermediate_size, config.vocab_size
-    kv = config.num_key_value_heads * config.head_dim
+    kv, q = config.num_key_value_heads * config.head_dim, config.attention_size
     names: List[Tuple[str, str, Tuple[int, ...]]] = [("embed_tokens.weight", "model.embed_tokens.weight", (vocab, h))]
     for i in range(config.num_layers):
         ours, hf = f"layers.{i}.", f"model.layers.{i}."
         names += [(ours + "input_norm.weight", hf + "input_layernorm.weight", (h,))]
-        for proj, out in (("q", h), ("k", kv), ("v", kv)):
+        for proj, out in (("q", q), ("k", kv), ("v", kv)):
             names.append((f"{ours}attention.{proj}_proj.weight", f"{hf}self_attn.{proj}_proj.weight", (out, h)))
             if config.qkv_bias:
                 names.append((f"{ours}attention.{proj}_proj.bias", f"{hf}self_attn.{proj}_proj.bias", (out,)))
         names += [
-            (ours + "attention.o_proj.weight", hf + "self_attn.o_proj.weight", (h, h)),
+            (ours + "attention.o_proj.weight", hf + "self_attn.o_proj.weight", (h, q)),
             (ours + "mlp_norm.weight", hf + "post_attention_layernorm.weight", (h,)),
             (ours + "mlp.gate_proj.weight", hf + "mlp.gate_proj.weight", (ffn, h)),
             (ours + "mlp.up_proj.weight", hf + "mlp.up_proj.weight", (ffn, h)),
@@ -43,6 +51,25 @@ def weight_names(config: ModelConfig) -> List[Tuple[str, str, Tuple[int, ...]]]:
     if not config.tie_word_embeddings:
         names.append(("lm_head.weight", "lm_head.weight", (vocab, h)))
     return names
+
+
+def _is_norm(name: str) -> bool:
+    return name.endswith("norm.weight")  # megalign's input_norm/mlp_norm/final_norm, HF's *layernorm / model.norm
+
+
+def hf_norm_weight(name: str, tensor: torch.Tensor, config: ModelConfig) -> torch.Tensor:
+    """The HF value of megalign tensor ``name``: ``1 + w`` for a norm weight of an ``apply_layernorm_1p`` model
+    (added in fp32, returned in the tensor's dtype), else ``tensor`` itself."""
+    if not (config.apply_layernorm_1p and _is_norm(name)):
+        return tensor
+    return (tensor.float() + 1.0).to(tensor.dtype)
+
+
+def megalign_norm_weight(name: str, tensor: torch.Tensor, config: ModelConfig) -> torch.Tensor:
+    """The inverse of :func:`hf_norm_weight` (``name`` is megalign's): ``w - 1`` for a 1p model's norm weight."""
+    if not (config.apply_layernorm_1p and _is_norm(name)):
+        return tensor
+    return (tensor.float() - 1.0).to(tensor.dtype)
 
 
 def _convert(
@@ -81,9 +108,12 @@ def hf_state_dict_to_megalign(state_dict: Mapping[str, torch.Tensor], config: Mo
     """
     ignored = _IGNORED_HF_SUFFIXES + (("lm_head.weight",) if config.tie_word_embeddings else ())
     pairs = [(hf, ours, shape) for ours, hf, shape in weight_names(config)]
-    return _convert(state_dict, pairs, "Hugging Face", ignored)
+    out = _convert(state_dict, pairs, "Hugging Face", ignored)
+    return {name: megalign_norm_weight(name, tensor, config) for name, tensor in out.items()}
 
 
 def megalign_state_dict_to_hf(state_dict: Mapping[str, torch.Tensor], config: ModelConfig) -> Dict[str, torch.Tensor]:
     """The inverse: a ``GPTModel(config)`` state dict (TP=1) with Hugging Face names."""
-    return _convert(state_dict, weight_names(config), "megalign", ())
+    names = weight_names(config)
+    out = _convert(state_dict, names, "megalign", ())
+    return {hf_name: hf_norm_weight(ours, out[hf_name], config) for ours, hf_name, _ in names}

@@ -22,6 +22,9 @@ but the last micro-batch the trainer must enter :meth:`DataParallelGrads.no_sync
 adding a gradient into a bucket whose collective is already in flight raises a RuntimeError.
 
 With one data-parallel rank (``group=None``) nothing is communicated.
+
+``grad_dtype=torch.bfloat16`` (--grad-reduce-in-bf16) keeps the buffers, hence the accumulation and the
+data-parallel collective, in bfloat16 (half the memory and traffic); the optimizer reads fp32 copies.
 """
 
 from __future__ import annotations
@@ -95,7 +98,8 @@ class Bucket:
 
 
 class GradBuffer:
-    """The fp32 gradients of all parameters of one model dtype, contiguous, bucketed in backward order."""
+    """The gradients (fp32, or ``grad_dtype``) of all parameters of one model dtype, contiguous, bucketed in
+    backward order."""
 
     def __init__(
         self,
@@ -103,6 +107,7 @@ class GradBuffer:
         dp_size: int,
         bucket_size: Optional[int],
         pad_buckets: bool,
+        grad_dtype: torch.dtype = torch.float32,
     ) -> None:
         self.param_dtype = named_params[0][1].dtype
         self.dp_size = dp_size
@@ -121,7 +126,7 @@ class GradBuffer:
         if bucket.slots:
             offset = self._close(bucket, offset, pad_buckets)
         device = named_params[0][1].device
-        self.data = torch.zeros(offset, dtype=torch.float32, device=device)
+        self.data = torch.zeros(offset, dtype=grad_dtype, device=device)
 
     def _close(self, bucket: Bucket, offset: int, pad: bool) -> int:
         """End ``bucket`` at ``offset`` (padded to a multiple of dp_size when sharding); return the new offset."""
@@ -136,7 +141,8 @@ class DataParallelGrads:
     """fp32 ``main_grad`` buffers for ``named_params`` and their averaging over the data-parallel ``group``.
 
     ``shard=True`` reduce-scatters (distributed optimizer) instead of all-reducing. ``bucket_size`` is in
-    elements (None: :func:`default_bucket_size`). Call :meth:`close` to detach the hooks and buffers.
+    elements (None: :func:`default_bucket_size`). ``grad_dtype``: the buffers' dtype (fp32, or bf16 for
+    --grad-reduce-in-bf16). Call :meth:`close` to detach the hooks and buffers.
     """
 
     def __init__(
@@ -147,9 +153,13 @@ class DataParallelGrads:
         bucket_size: Optional[int] = None,
         overlap_grad_reduce: bool = False,
         shard: bool = False,
+        grad_dtype: torch.dtype = torch.float32,
     ) -> None:
         if bucket_size is not None and bucket_size < 1:
             raise ValueError(f"bucket_size must be >= 1 element, got {bucket_size}")
+        if grad_dtype not in (torch.float32, torch.bfloat16):
+            raise ValueError(f"grad_dtype must be torch.float32 or torch.bfloat16, got {grad_dtype}")
+        self.grad_dtype = grad_dtype
         self.group = group
         self.dp_size = dist.get_world_size(group) if group is not None else 1
         self.dp_rank = dist.get_rank(group) if group is not None else 0
@@ -169,7 +179,8 @@ class DataParallelGrads:
         for name, param in named_params:
             by_dtype.setdefault(param.dtype, []).append((name, param))
         self.buffers = [
-            GradBuffer(params, self.dp_size, bucket_size, pad_buckets=self.shard) for params in by_dtype.values()
+            GradBuffer(params, self.dp_size, bucket_size, pad_buckets=self.shard, grad_dtype=grad_dtype)
+            for params in by_dtype.values()
         ]
         self.slots: Dict[int, ParamSlot] = {}
         for buffer in self.buffers:

@@ -13,28 +13,35 @@ micro-batch) per rank:
 * :func:`interleaved_schedule` (Megatron's interleaved 1F1B, Narayanan et al. 2021): micro-batches in
   groups of ``pp`` go through every chunk; warm-up ``(pp - r - 1) * 2 + (v - 1) * pp`` forwards.
 
-:func:`run_schedule` executes a rank's actions. Each message is tagged with its (chunk, micro-batch,
-direction), receives are posted just before they are needed and sends never block, so any order that
-respects the data dependencies (all of the above) runs without deadlock on gloo and NCCL alike.
+:func:`run_schedule` executes a rank's actions. Activations and gradients travel as untagged p2p messages
+in batches of ``torch.distributed.batch_isend_irecv``. Every rank derives every rank's actions
+(:func:`pipeline_actions`) and from them the same plan of rounds (:func:`communication_plan`, built by
+:func:`megalign.parallel.p2p.plan`): the batches of neighbouring ranks pair one to one and the messages
+between two ranks keep their order, so the executor runs without deadlock on gloo and NCCL alike.
 """
 
 from __future__ import annotations
 
 from contextlib import nullcontext
-from dataclasses import dataclass
-from typing import Any, Callable, ContextManager, Dict, List, Optional, Sequence, Tuple
+from dataclasses import dataclass, replace
+from functools import lru_cache
+from typing import Any, Callable, ContextManager, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
 
 from megalign.errors import ConfigError
+from megalign.parallel.p2p import Message, Round, Step, exchange, plan
 
 __all__ = [
     "Action",
     "PipelineSpec",
+    "action_messages",
+    "communication_plan",
     "interleaved_schedule",
     "no_pipelining_schedule",
     "one_f_one_b_schedule",
+    "pipeline_actions",
     "run_schedule",
     "schedule_for",
     "sum_tied_embedding_grads",
@@ -126,8 +133,58 @@ def schedule_for(spec: PipelineSpec, num_micro_batches: int) -> List[Action]:
     return interleaved_schedule(spec.size, spec.rank, num_micro_batches, spec.num_chunks)
 
 
-def _tag(chunk: int, micro_batch: int, backward: bool, num_micro_batches: int) -> int:
-    return (chunk * num_micro_batches + micro_batch) * 2 + int(backward)
+def action_messages(spec: PipelineSpec, action: Action) -> Step:
+    """The message ``action`` receives before it runs and the one it sends after (None on the end stages)."""
+    previous, following = spec.ranks[(spec.rank - 1) % spec.size], spec.ranks[(spec.rank + 1) % spec.size]
+    stage, last_stage = spec.stage(action.chunk), spec.num_stages - 1
+    if action.kind == "F":
+        next_chunk = action.chunk + (1 if spec.rank == spec.size - 1 else 0)
+        return (
+            Message(False, previous, ("F", action.chunk, action.micro_batch)) if stage > 0 else None,
+            Message(True, following, ("F", next_chunk, action.micro_batch)) if stage < last_stage else None,
+        )
+    previous_chunk = action.chunk - (1 if spec.rank == 0 else 0)
+    return (
+        Message(False, following, ("B", action.chunk, action.micro_batch)) if stage < last_stage else None,
+        Message(True, previous, ("B", previous_chunk, action.micro_batch)) if stage > 0 else None,
+    )
+
+
+def pipeline_actions(spec: PipelineSpec, actions: Sequence[Action], num_micro_batches: int) -> Dict[int, List[Action]]:
+    """Every rank's actions (global rank -> actions) when this rank runs ``actions``: the schedule of
+    :func:`schedule_for`, or its forward actions only, on every rank of the pipeline."""
+    me = spec.ranks[spec.rank]
+    for forwards_only in (False, True):
+        everyone, _ = _planned(spec.size, tuple(spec.ranks), spec.num_chunks, num_micro_batches, forwards_only)
+        if list(actions) == everyone[me]:
+            return {rank: list(order) for rank, order in everyone.items()}
+    shown = ", ".join(map(repr, list(actions)[:8])) + (", ..." if len(actions) > 8 else "")
+    raise ValueError(
+        f"run_schedule runs the actions of schedule_for(spec, {num_micro_batches}) or their forwards, "
+        f"which every pipeline rank derives for itself; got [{shown}] on pipeline rank {spec.rank}"
+    )
+
+
+def communication_plan(spec: PipelineSpec, everyone: Mapping[int, Sequence[Action]]) -> Dict[int, List[Round]]:
+    """The rounds of every rank for ``everyone``'s actions (global rank -> actions): the p2p batch to launch,
+    then the index of the action to run (see :func:`megalign.parallel.p2p.plan`)."""
+    steps = {}
+    for rank, order in everyone.items():
+        rank_spec = replace(spec, rank=list(spec.ranks).index(rank))
+        steps[rank] = [action_messages(rank_spec, a) for a in order]
+    return plan(steps)
+
+
+@lru_cache(maxsize=32)
+def _planned(
+    size: int, ranks: Tuple[int, ...], num_chunks: int, num_micro_batches: int, forwards_only: bool
+) -> Tuple[Dict[int, List[Action]], Dict[int, List[Round]]]:
+    """Every rank's actions and rounds (computed once per layout and micro-batch count; do not mutate)."""
+    spec = PipelineSpec(size, 0, ranks, num_chunks)
+    everyone = {ranks[r]: schedule_for(replace(spec, rank=r), num_micro_batches) for r in range(size)}
+    if forwards_only:
+        everyone = {rank: [a for a in order if a.kind == "F"] for rank, order in everyone.items()}
+    return everyone, communication_plan(spec, everyone)
 
 
 def run_schedule(
@@ -143,7 +200,9 @@ def run_schedule(
 ) -> List[torch.Tensor]:
     """Run ``actions`` on this rank; returns the losses of the micro-batches whose last stage is here.
 
-    ``forward_only`` (evaluation): the backward actions are skipped, nothing is kept for a backward pass
+    ``actions`` are :func:`schedule_for`'s over ``num_micro_batches``, or their forwards only, the same on
+    every pipeline rank (each rank derives the others' to pair its p2p batches with theirs).
+    ``forward_only`` (evaluation): the backward actions are dropped, nothing is kept for a backward pass
     and no autograd graph is built; the forward order of the training schedule is a valid order for it.
     ``backward_context(is_last)`` wraps every backward pass, ``is_last`` for this rank's final one (data
     parallelism reduces gradients during that one only).
@@ -153,66 +212,52 @@ def run_schedule(
     ``dtype``, requires grad). On the last global stage it returns the micro-batch's loss, already divided by
     the number of micro-batches; the backward pass of that loss accumulates the parameter gradients.
     """
-    previous, following = spec.ranks[(spec.rank - 1) % spec.size], spec.ranks[(spec.rank + 1) % spec.size]
-    last_stage = spec.num_stages - 1
+    if spec.size == 1 and spec.num_chunks > 1:
+        raise ConfigError(
+            "model chunks (--num-layers-per-virtual-pipeline-stage) need --pipeline-model-parallel-size > 1"
+        )
+    me = spec.ranks[spec.rank]
+    forwards_only = forward_only or all(a.kind == "F" for a in pipeline_actions(spec, actions, num_micro_batches)[me])
+    everyone, planned = _planned(spec.size, tuple(spec.ranks), spec.num_chunks, num_micro_batches, forwards_only)
+    actions, rounds = everyone[me], planned[me]
     saved: Dict[Tuple[int, int], Tuple[Optional[torch.Tensor], torch.Tensor]] = {}
-    sends: List[Any] = []
     losses: List[torch.Tensor] = []
+    outgoing: Dict[Message, torch.Tensor] = {}
+    inbox: Dict[Message, torch.Tensor] = {}
 
-    def receive(source: int, tag: int) -> torch.Tensor:
-        buffer = torch.empty(activation_shape, dtype=dtype, device=device)
-        work = dist.irecv(buffer, src=source, group=spec.group, tag=tag)
-        assert work is not None  # irecv returns None only on a rank outside the group, and this rank is in it
-        work.wait()
-        return buffer
-
-    last_backward = max((i for i, a in enumerate(actions) if a.kind == "B"), default=-1)
-    for position, action in enumerate(actions):
-        stage, key = spec.stage(action.chunk), (action.chunk, action.micro_batch)
+    last_backward = next((a for a in reversed(actions) if a.kind == "B"), None)
+    for batch, index in rounds:
+        inbox.update(exchange(batch, outgoing, activation_shape, dtype, device, spec.group))
+        if index is None:
+            continue
+        action = actions[index]
+        receive, send = action_messages(spec, action)
+        received = inbox.pop(receive) if receive is not None else None
+        key = (action.chunk, action.micro_batch)
         if action.kind == "F":
-            x = None
-            if stage > 0:
-                x = receive(previous, _tag(action.chunk, action.micro_batch, False, num_micro_batches))
+            x = received
+            if x is not None:
                 x.requires_grad_(not forward_only)
             with torch.set_grad_enabled(not forward_only):
                 y = forward_step(action.chunk, x, action.micro_batch)
-            if stage == last_stage:
+            if send is None:  # the last global stage
                 losses.append(y.detach())
             else:
-                next_chunk = action.chunk + (1 if spec.rank == spec.size - 1 else 0)
-                sends.append(
-                    dist.isend(
-                        y.detach().contiguous(),
-                        dst=following,
-                        group=spec.group,
-                        tag=_tag(next_chunk, action.micro_batch, False, num_micro_batches),
-                    )
-                )
+                outgoing[send] = y.detach()
             if not forward_only:
                 saved[key] = (x, y)
-        elif not forward_only:
+        else:
             x, y = saved.pop(key)
-            grad = None
-            if stage != last_stage:
-                grad = receive(following, _tag(action.chunk, action.micro_batch, True, num_micro_batches))
-            with backward_context(position == last_backward) if backward_context else nullcontext():
-                torch.autograd.backward(y, grad_tensors=grad)
-            if stage > 0:
-                # x was received (stage > 0) with requires_grad, so the backward pass filled x.grad.
+            with backward_context(action == last_backward) if backward_context else nullcontext():
+                torch.autograd.backward(y, grad_tensors=received)
+            if send is not None:  # not the first global stage: x was received with requires_grad
                 assert x is not None and x.grad is not None
-                previous_chunk = action.chunk - (1 if spec.rank == 0 else 0)
-                sends.append(
-                    dist.isend(
-                        x.grad.contiguous(),
-                        dst=previous,
-                        group=spec.group,
-                        tag=_tag(previous_chunk, action.micro_batch, True, num_micro_batches),
-                    )
-                )
-    for work in sends:
-        work.wait()
-    if saved:
-        raise RuntimeError(f"pipeline schedule left {sorted(saved)} without a backward pass")
+                outgoing[send] = x.grad
+    if saved or outgoing or inbox:
+        raise RuntimeError(
+            f"pipeline schedule left {sorted(saved)} without a backward pass, "
+            f"{len(outgoing)} messages unsent and {len(inbox)} unused"
+        )
     return losses
 
 

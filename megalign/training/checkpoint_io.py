@@ -7,6 +7,12 @@ background thread, ``--async-save``); a parallel job with
 :func:`~megalign.checkpoint.sharded.save_sharded_checkpoint`. Reading always goes through
 :func:`~megalign.checkpoint.sharded.read_local_shard`, so a checkpoint saved at any (TP, PP, DP)
 layout, with or without the distributed optimizer, loads at any other.
+
+With the distributed optimizer every data-parallel rank writes only its own flat slices of the optimizer
+state (nothing is gathered); on loading, each rank reads, per parameter, only the flat range of its
+TP-local tensor that it owns now (the whole TP-local tensor for the plain optimizer). Vocabulary tensors
+(``VOCAB_TENSORS``) may have more or fewer padded rows than this model: shared rows are copied, the
+model's extra rows are zero (weights and optimizer state), extra stored rows are ignored.
 """
 
 from __future__ import annotations
@@ -17,14 +23,15 @@ from typing import Any, Callable, Dict, Mapping, Optional, Tuple
 import torch
 
 from megalign.checkpoint.async_save import AsyncCheckpointSaver
-from megalign.checkpoint.format import iter_dir_name
+from megalign.checkpoint.format import iter_dir_name, vocab_rows_may_differ
 from megalign.checkpoint.sharded import read_local_shard, save_sharded_checkpoint
 from megalign.checkpoint.storage import Checkpoint, save_checkpoint
 from megalign.config.sections import CheckpointingSection
 from megalign.errors import ConfigError, DataFormatError
 from megalign.parallel.state import ParallelState
+from megalign.training.distributed_optimizer import DistributedOptimizer
 from megalign.training.model_chunks import ModelChunks
-from megalign.training.optimizer import PREFIX, MixedPrecisionOptimizer
+from megalign.training.optimizer import _MOMENTS, PREFIX, MixedPrecisionOptimizer
 
 __all__ = ["CheckpointIO"]
 
@@ -47,7 +54,7 @@ class CheckpointIO:
         )
 
     # ---- saving ------------------------------------------------------------------------------------------
-    def _optimizer_shapes(self, names: Mapping[str, torch.Tensor]) -> Dict[str, Tuple[int, ...]]:
+    def _optimizer_shapes(self, names: Mapping[str, Any]) -> Dict[str, Tuple[int, ...]]:
         shapes = {}
         for name in names:
             kind, param = name[len(PREFIX) :].split("/", 1)
@@ -68,12 +75,20 @@ class CheckpointIO:
         if save_dir is None:
             raise ConfigError("saving a checkpoint needs --save (where checkpoints go)")
         model_state = self.model.model_state()
-        optimizer_state = optimizer.state_dict_tensors(self.model.global_names())  # a collective with ZeRO-1
+        names = self.model.global_names()
         metadata: Dict[str, Any] = dict(
             config=config, consumed_samples=consumed_samples, extra=extra, keep_last=keep_last
         )
-        if self.state.world_size > 1:
-            shapes = {**self.global_shapes, **self._optimizer_shapes(optimizer_state)}
+        sharded = isinstance(optimizer, DistributedOptimizer) and self.async_saver is None
+        if sharded:  # each data-parallel rank writes its own slices: nothing is gathered
+            assert isinstance(optimizer, DistributedOptimizer)
+            shards, optimizer_state = optimizer.state_dict_shards(names)  # a collective (one scalar)
+            metadata.update(optimizer_shards=shards, bucket_layout=optimizer.bucket_layout())
+        else:
+            optimizer_state = optimizer.state_dict_tensors(names)
+            shards = {}
+        if self.state.world_size > 1 or sharded:
+            shapes = {**self.global_shapes, **self._optimizer_shapes({**optimizer_state, **shards})}
             path = save_sharded_checkpoint(save_dir, step, self.state, model_state, optimizer_state, shapes, **metadata)
         elif self.async_saver is not None:
             self.async_saver.submit(save_dir, step, model_state, optimizer_state, **metadata)
@@ -93,7 +108,7 @@ class CheckpointIO:
     # ---- loading -----------------------------------------------------------------------------------------
     def load_weights(self, checkpoint: Checkpoint) -> None:
         """Copy this rank's slice of every weight from ``checkpoint``; DataFormatError naming a missing or
-        misshapen tensor."""
+        misshapen tensor (vocabulary tensors may differ in rows: see the module doc)."""
         names = self.model.global_names()
         stored = checkpoint.metadata.tensors
         expected = set(self.global_shapes)
@@ -107,36 +122,37 @@ class CheckpointIO:
         with torch.no_grad():
             for local_name, param in self.model.named_parameters():
                 name = names[local_name]
-                if tuple(stored[name].shape) != self.global_shapes[name]:
+                shape, ours = tuple(stored[name].shape), self.global_shapes[name]
+                if shape != ours and not (vocab_rows_may_differ(name) and shape[1:] == ours[1:]):
                     raise DataFormatError(
-                        f"{checkpoint.path}: tensor {name} has shape {tuple(stored[name].shape)}, "
-                        f"this model's has {self.global_shapes[name]}; check --model-preset and "
-                        "shape flags"
+                        f"{checkpoint.path}: tensor {name} has shape {shape}, this model's has {ours}; "
+                        "check --model-preset and shape flags"
                     )
-                param.copy_(
-                    read_local_shard(checkpoint, name, tuple(param.shape), self.global_shapes[name], self.state)
-                )
+                param.copy_(read_local_shard(checkpoint, name, tuple(param.shape), ours, self.state))
 
     def load_optimizer(
         self, checkpoint: Checkpoint, optimizer: MixedPrecisionOptimizer, state_json: Mapping[str, Any]
     ) -> None:
-        """Restore the optimizer tensors of this rank's parameters (whatever layout saved them)."""
+        """Restore the optimizer state of this rank's parameters, whatever layout and optimizer saved it,
+        reading only what this rank's optimizer holds (its flat ranges, or whole TP-local tensors)."""
         names = self.model.global_names()
-        params = {names[local]: param for local, param in self.model.named_parameters()}
+        stored = checkpoint.metadata.tensors
         tensors: Dict[str, torch.Tensor] = {}
-        for name, spec in checkpoint.metadata.tensors.items():
-            if spec.group != "optimizer":
-                continue
-            kind, param_name = name[len(PREFIX) :].split("/", 1)
-            if param_name not in params:
-                continue  # another pipeline stage's parameter
-            if kind == "step":
-                tensors[name] = checkpoint.read_tensor(name)
-            else:
-                param = params[param_name]
-                tensors[name] = read_local_shard(
-                    checkpoint, name, tuple(param.shape), self.global_shapes[param_name], self.state
-                )
+        for pair in optimizer.pairs:
+            name, param = names[pair.name], pair.model_param
+            for key in ("master", *_MOMENTS):
+                tensor_name = f"{PREFIX}{key}/{name}"
+                if tensor_name in stored and (key != "master" or pair.separate_master):
+                    tensors[tensor_name] = read_local_shard(
+                        checkpoint,
+                        tensor_name,
+                        tuple(param.shape),
+                        self.global_shapes[name],
+                        self.state,
+                        flat_range=pair.param_range,
+                    )
+            if f"{PREFIX}step/{name}" in stored:
+                tensors[f"{PREFIX}step/{name}"] = checkpoint.read_tensor(f"{PREFIX}step/{name}")
         layout = {
             "tensor": self.state.tensor_model_parallel_size,
             "pipeline": self.state.pipeline_model_parallel_size,
@@ -147,7 +163,7 @@ class CheckpointIO:
                 **state_json,
                 "groups": [{k: v for k, v in group.items() if k != "num_params"} for group in state_json["groups"]],
             }
-        optimizer.load_state_dict_tensors(tensors, state_json, names)
+        optimizer.load_state_dict_tensors(tensors, state_json, names, take_ownership=True)
 
     def restore_rng(self, checkpoint: Checkpoint) -> bool:
         """Restore this rank's RNG state when the checkpoint has one for it (same layout); returns whether it did."""

@@ -15,22 +15,28 @@ For an fp32 model the shard's master *is* a view into the parameter (no copy). P
 state is about ``1/DP`` of :class:`~megalign.training.optimizer.MixedPrecisionOptimizer`'s (plus at most
 ``DP - 1`` padding elements per bucket, which hold no state); the fp32 gradient buffer stays full size.
 
-Checkpoints are layout-independent: :meth:`DistributedOptimizer.state_dict_tensors` gathers FULL tensors
-with the same global names as the unsharded optimizer, and :meth:`load_state_dict_tensors` takes full
-tensors and keeps this rank's slice, so a DP=2 distributed-optimizer checkpoint resumes as DP=1 plain and
-vice versa. The cost: gathering materialises the full fp32 masters and moments on every rank (``12 x
-params`` bytes for a bf16 model) and moves them over the network at save time. :func:`build_optimizer`
-picks the optimizer from the flags.
+Checkpoints are sharded and layout-independent, and nothing is gathered to write them:
+:meth:`DistributedOptimizer.state_dict_shards` hands over, as views, only this rank's flat slices of the
+fp32 masters and moments (with their TP-local offsets and buckets, :class:`~megalign.checkpoint.sharded.FlatShard`)
+plus the step counts, and every data-parallel rank writes its own ``optim_tp{t}_pp{p}_dp{d}`` file (format
+version 2, flat-sharded tensors). Loading at any layout, with either optimizer, reads only the stored
+slices each rank owns now (:mod:`megalign.training.checkpoint_io`), so per rank save and load memory stays
+about its shard plus one parameter's rows. :meth:`state_dict_tensors` still gathers FULL tensors, named as
+the unsharded optimizer's (an all-gather of ``12 x params`` bytes on every rank: for tests and small
+models, not for checkpoints); :meth:`load_state_dict_tensors` takes full tensors or this rank's flat
+shards. :func:`build_optimizer` picks the optimizer from the flags.
 """
 
 from __future__ import annotations
 
-from typing import Any, Dict, Mapping, Optional
+from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
+from megalign.checkpoint.format import dtype_name
+from megalign.checkpoint.sharded import FlatShard
 from megalign.config.sections import OptimizationSection, ParallelSection
 from megalign.training.optimizer import _MOMENTS, PREFIX, MixedPrecisionOptimizer, ParamPair
 
@@ -61,19 +67,80 @@ class DistributedOptimizer(MixedPrecisionOptimizer):
         for slot, flat in self.grads.all_gather(local):
             slot.param.detach().view(-1).copy_(flat)
 
+    def _global_step(self) -> float:
+        """The AdamW step count (-1.0 before the first step), agreed over the data-parallel group (a collective:
+        ranks whose shard is empty learn whether there is state)."""
+        state = [self.inner.state.get(pair.master_param, {}) for pair in self.pairs]
+        step = max((float(entry["step"]) for entry in state if "step" in entry), default=-1.0)
+        step_tensor = torch.tensor([step], dtype=torch.float64, device=self.grads.buffers[0].data.device)
+        if self.grads.group is not None:
+            dist.all_reduce(step_tensor, op=dist.ReduceOp.MAX, group=self.grads.group)
+        return float(step_tensor.item())
+
+    def _step_tensors(self, names: Mapping[str, str], step: float) -> Dict[str, torch.Tensor]:
+        """0-d step counts of every parameter (every master steps together, so one count serves all)."""
+        if step < 0:
+            return {}
+        device = self.grads.buffers[0].data.device
+        return {
+            f"{PREFIX}step/{names[own]}": torch.tensor(step, dtype=torch.float32, device=device)
+            for own, _ in self.named_params
+        }
+
+    def state_dict_shards(
+        self, param_names: Optional[Mapping[str, str]] = None
+    ) -> Tuple[Dict[str, FlatShard], Dict[str, torch.Tensor]]:
+        """This rank's checkpoint state, nothing gathered: ``(flat shards, step counts)``.
+
+        The flat shards are live views of this rank's masters (when separate) and moments, named as
+        :meth:`state_dict_tensors`'s, each with its flat range of the TP-local parameter and its bucket;
+        save them before the next :meth:`step`. A collective over the data-parallel group (one scalar).
+        """
+        names = self._names(param_names)
+        step = self._global_step()
+        bucket_index = {id(bucket): index for index, bucket in enumerate(self.grads.buckets)}
+        shards: Dict[str, FlatShard] = {}
+        for pair in self.pairs:
+            assert pair.param_range is not None  # every pair of the distributed optimizer is a flat shard
+            start, stop = pair.param_range
+            slot = self.grads.slot(pair.model_param)
+            entry = self.inner.state.get(pair.master_param, {})
+            owned = {"master": pair.master_param} if pair.separate_master else {}
+            owned.update({key: entry[key] for key in _MOMENTS if key in entry})
+            for key, tensor in owned.items():
+                shards[f"{PREFIX}{key}/{names[pair.name]}"] = FlatShard(
+                    tensor.detach(),
+                    tuple(pair.model_param.shape),
+                    start,
+                    stop,
+                    bucket_index[id(slot.bucket)],
+                    slot.start + start - slot.bucket.start,
+                )
+        return shards, self._step_tensors(names, step)
+
+    def bucket_layout(self) -> List[Dict[str, Any]]:
+        """This rank's gradient buckets for the checkpoint metadata: index, parameter dtype, element range in
+        its buffer, and the range this rank owns."""
+        return [
+            {
+                "index": index,
+                "dtype": dtype_name(bucket.buffer.param_dtype),
+                "range": [bucket.start, bucket.end],
+                "shard": list(bucket.shard_range(self.grads.dp_rank)),
+            }
+            for index, bucket in enumerate(self.grads.buckets)
+        ]
+
     def state_dict_tensors(self, param_names: Optional[Mapping[str, str]] = None) -> Dict[str, torch.Tensor]:
         """FULL optimizer tensors (every DP rank gets all of them), named as :class:`MixedPrecisionOptimizer`'s.
 
-        A collective: every rank of the data-parallel group must call it. Returns fresh copies.
+        A collective: every rank of the data-parallel group must call it. Returns fresh copies. It
+        materialises the whole fp32 state on every rank: checkpoints use :meth:`state_dict_shards`.
         """
         names = self._names(param_names)
-        device = self.grads.buffers[0].data.device
         state = {id(pair.model_param): self.inner.state.get(pair.master_param, {}) for pair in self.pairs}
-        step = max((float(entry["step"]) for entry in state.values() if "step" in entry), default=-1.0)
-        step_tensor = torch.tensor([step], dtype=torch.float64, device=device)
-        if self.grads.group is not None:  # ranks whose shard is empty learn whether there is state
-            dist.all_reduce(step_tensor, op=dist.ReduceOp.MAX, group=self.grads.group)
-        keys = [key for key in _MOMENTS if step_tensor.item() >= 0]
+        step = self._global_step()
+        keys = [key for key in _MOMENTS if step >= 0]
         if any(param.dtype != torch.float32 for _, param in self.named_params):
             keys.insert(0, "master")
         tensors: Dict[str, torch.Tensor] = {}
@@ -85,11 +152,7 @@ class DistributedOptimizer(MixedPrecisionOptimizer):
             for slot, flat in self.grads.all_gather(local, torch.float32):
                 if key != "master" or slot.param.dtype != torch.float32:
                     tensors[f"{PREFIX}{key}/{names[slot.name]}"] = flat.view(slot.param.shape).clone()
-        if step_tensor.item() >= 0:
-            for own, _ in self.named_params:  # every master steps together, so one count serves all
-                tensors[f"{PREFIX}step/{names[own]}"] = torch.tensor(
-                    step_tensor.item(), dtype=torch.float32, device=device
-                )
+        tensors.update(self._step_tensors(names, step))
         return tensors
 
 

@@ -7,6 +7,11 @@ the decay style down to ``--min-lr`` at ``--lr-decay-iters`` (default ``--train-
 (``lr_warmup_iters`` is ``--lr-warmup-iters``); a run builds its schedule from its optimization section
 (:meth:`LRSchedule.from_config`). The settings are resolved and checked by
 megalign.config.lr_settings; this module computes the rates. Formulas are documented in docs/training.md.
+
+Sample-based runs (``--train-samples``, ``--lr-warmup-samples``, ``--lr-decay-samples``) count steps in
+samples: each update advances the schedule by the global batch size (:attr:`LRSchedule.increment`), as
+Megatron does. A param group with ``max_lr``/``min_lr`` keys (the ``--decoupled-lr`` groups) follows the
+same schedule between its own peak and floor, as in Megatron's ``get_lr(param_group)``.
 """
 
 from __future__ import annotations
@@ -35,7 +40,9 @@ _SETTINGS: Dict[str, str] = {
     "end_weight_decay": "--end-weight-decay",
     "wd_incr_steps": "--train-iters (weight-decay increment steps)",
     "weight_decay_incr_style": "--weight-decay-incr-style",
+    "step_unit": "--train-iters/--train-samples (the schedule's step unit)",
 }
+_DEFAULTS = {"step_unit": "iterations"}  # settings that checkpoints written before them lack
 
 
 def _decay_coeff(style: str, ratio: float) -> float:
@@ -63,20 +70,33 @@ class LRSchedule:
 
     Use: ``sched.apply(optimizer)`` once before training, then ``sched.step(optimizer)`` after every
     *successful* optimizer update (a step skipped for non-finite gradients does not advance the schedule,
-    as in Megatron). Each param group gets ``lr = lr_at(step) * group.get("lr_mult", 1)`` and
-    ``weight_decay = wd_at(step) * group.get("wd_mult", 1)``.
+    as in Megatron). Each param group gets ``lr = lr_at(step, group.get("max_lr"), group.get("min_lr")) *
+    group.get("lr_mult", 1)`` and ``weight_decay = wd_at(step) * group.get("wd_mult", 1)``.
+
+    ``global_batch_size``: samples per update; a sample-based schedule advances by it per :meth:`step`
+    (:attr:`increment`), an iteration-based one by 1.
     """
 
-    def __init__(self, lr: float, **settings: Any) -> None:
+    def __init__(self, lr: float, global_batch_size: int = 1, **settings: Any) -> None:
         """``settings``: the keywords of :meth:`LRScheduleSettings.resolve` (Megatron's flag destinations:
-        ``min_lr``, ``lr_warmup_iters``, ``lr_decay_style``, ``train_iters``, ...)."""
+        ``min_lr``, ``lr_warmup_iters``, ``lr_decay_style``, ``train_iters``, ``train_samples``, ...)."""
+        if global_batch_size < 1:
+            raise ValueError(f"global_batch_size must be >= 1, got {global_batch_size}")
         self._adopt(LRScheduleSettings.resolve(lr, **settings))
+        self.global_batch_size = int(global_batch_size)
         self.num_steps = 0
 
     @classmethod
-    def from_config(cls, optimization: OptimizationSection, train_iters: int) -> "LRSchedule":
-        """The schedule of a run: its optimization section and its number of optimizer steps."""
-        return cls(**section_options(optimization, train_iters))
+    def from_config(
+        cls, optimization: OptimizationSection, train_iters: int, global_batch_size: int = 1
+    ) -> "LRSchedule":
+        """The schedule of a run: its optimization section, its optimizer steps and samples per step."""
+        return cls(global_batch_size=global_batch_size, **section_options(optimization, train_iters))
+
+    @property
+    def increment(self) -> int:
+        """Schedule steps per optimizer update: the global batch size when counting samples, else 1."""
+        return self.global_batch_size if self.step_unit == "samples" else 1
 
     def _adopt(self, settings: LRScheduleSettings) -> None:
         """Take every setting of ``settings`` as an attribute (what lr_at, wd_at and state_dict read)."""
@@ -92,22 +112,28 @@ class LRSchedule:
         self.end_weight_decay = settings.end_weight_decay
         self.wd_incr_steps: float = settings.wd_incr_steps
         self.weight_decay_incr_style = settings.weight_decay_incr_style
+        self.step_unit = settings.step_unit
 
     def _validate(self) -> None:
         """Check the current settings (ConfigError names the flag)."""
         LRScheduleSettings(**{key: getattr(self, key) for key in _SETTINGS}).validate()
 
-    def lr_at(self, step: float) -> float:
-        """Base learning rate after ``step`` optimizer updates (before any per-group ``lr_mult``)."""
+    def lr_at(self, step: float, max_lr: Optional[float] = None, min_lr: Optional[float] = None) -> float:
+        """Base learning rate after ``step`` schedule steps (before any per-group ``lr_mult``).
+
+        ``max_lr``/``min_lr`` replace ``--lr``/``--min-lr`` (a ``--decoupled-lr`` group's own peak and floor).
+        """
+        peak = self.lr if max_lr is None else max_lr
+        floor = self.min_lr if min_lr is None else min_lr
         if self.warmup_steps > 0 and step <= self.warmup_steps:
-            return self.lr_warmup_init + (self.lr - self.lr_warmup_init) * float(step) / float(self.warmup_steps)
+            return self.lr_warmup_init + (peak - self.lr_warmup_init) * float(step) / float(self.warmup_steps)
         if self.decay_style == "constant":
-            return self.lr
+            return peak
         if step > self.decay_steps:
-            return self.min_lr
+            return floor
         if self.decay_style == "inverse-square-root":
-            scaled = self.lr * max(self.warmup_steps, 1) ** 0.5 / (max(step, 1) ** 0.5)
-            return max(self.min_lr, scaled)
+            scaled = peak * max(self.warmup_steps, 1) ** 0.5 / (max(step, 1) ** 0.5)
+            return max(floor, scaled)
         ratio = float(step - self.warmup_steps) / float(self.decay_steps - self.warmup_steps)
         if self.decay_style == "wsd" and self.wsd_decay_steps is not None:  # WSD always has its steps (validated)
             anneal_start = self.decay_steps - self.wsd_decay_steps
@@ -117,7 +143,7 @@ class LRSchedule:
                 coeff = _decay_coeff(self.wsd_decay_style, float(step - anneal_start) / float(self.wsd_decay_steps))
         else:
             coeff = _decay_coeff(self.decay_style, ratio)
-        return self.min_lr + coeff * (self.lr - self.min_lr)
+        return floor + coeff * (peak - floor)
 
     def wd_at(self, step: float) -> float:
         """Base weight decay after ``step`` updates (before any per-group ``wd_mult``)."""
@@ -137,12 +163,16 @@ class LRSchedule:
         """Write the current lr and weight decay into every param group of ``optimizer``; return the base lr."""
         lr, wd = self.lr_at(self.num_steps), self.wd_at(self.num_steps)
         for group in optimizer.param_groups:
-            group["lr"] = lr * group.get("lr_mult", 1.0)
+            own = self.lr_at(self.num_steps, group.get("max_lr"), group.get("min_lr"))
+            group["lr"] = own * group.get("lr_mult", 1.0)
             group["weight_decay"] = wd * group.get("wd_mult", 1.0)
         return lr
 
-    def step(self, optimizer: Any = None, increment: int = 1) -> float:
-        """Advance ``increment`` updates and apply the new values to ``optimizer`` (if given); return the lr."""
+    def step(self, optimizer: Any = None, increment: Optional[int] = None) -> float:
+        """Advance ``increment`` schedule steps (default :attr:`increment`: one update) and apply the new
+        values to ``optimizer`` (if given); return the base lr."""
+        if increment is None:
+            increment = self.increment
         if increment < 0:
             raise ValueError(f"increment must be >= 0, got {increment}")
         self.num_steps += increment
@@ -164,6 +194,7 @@ class LRSchedule:
         """
         if policy not in LOAD_POLICIES:
             raise ValueError(f"policy must be one of {LOAD_POLICIES}, got {policy!r}")
+        state = {**_DEFAULTS, **state}
         missing = [key for key in ("format", "num_steps", *_SETTINGS) if key not in state]
         if missing:
             raise DataFormatError(
@@ -203,5 +234,5 @@ class LRSchedule:
     def __repr__(self) -> str:
         return (
             f"LRSchedule(lr={self.lr:g}, min_lr={self.min_lr:g}, style={self.decay_style}, "
-            f"warmup={self.warmup_steps:g}, decay={self.decay_steps:g}, step={self.num_steps})"
+            f"warmup={self.warmup_steps:g}, decay={self.decay_steps:g}, step={self.num_steps} {self.step_unit})"
         )

@@ -5,6 +5,11 @@ One process is the degenerate case (one chunk holding the whole model, the no-pi
 and backward of each micro-batch in turn), so the single-process trainer runs the same code as the
 parallel one. With pipeline parallelism, chunk ``c`` of pipeline rank ``r`` is global stage
 ``c * PP + r`` (more than one chunk: the interleaved schedule).
+
+The loss of a step is the mean of the micro-batches' mean losses (averaged over data parallelism), or with
+``per_token=True`` (--calculate-per-token-loss, Megatron's meaning) the sum of every token loss of the
+global batch divided by its number of non-masked tokens over all micro-batches and data-parallel ranks:
+micro-batch ``m`` is weighted by ``tokens_m * DP / tokens_total`` instead of ``1 / micro-batches``.
 """
 
 from __future__ import annotations
@@ -93,17 +98,33 @@ class ModelChunks(nn.Module):
         device: torch.device,
         loss_transform: Callable[[torch.Tensor], torch.Tensor],
         raw_losses: List[torch.Tensor],
+        weights: Optional[Sequence[float]],
     ) -> Callable[[int, Optional[torch.Tensor], int], torch.Tensor]:
         def forward_step(chunk: int, x: Optional[torch.Tensor], m: int) -> torch.Tensor:
             model = cast(GPTModel, self.chunks[chunk])  # once per micro-batch: no list of all chunks
             out = model(**batches.model_inputs(micro[m], device), hidden_states=x)
             if not model.stage.last:
                 return out
-            loss = out.float() / len(micro)
+            loss = out.float() / len(micro) if weights is None else out.float() * weights[m]
             raw_losses.append(loss.detach())
             return loss_transform(loss)
 
         return forward_step
+
+    def loss_weights(self, micro: Sequence[Batch], per_token: bool, device: torch.device) -> List[float]:
+        """Each micro-batch's weight in the step's loss: ``1 / len(micro)``, or with ``per_token``
+        ``tokens_m * DP / tokens_total`` (non-masked tokens; the total all-reduced over data parallelism)."""
+        if not per_token:
+            return [1.0 / len(micro)] * len(micro)
+        counts = [
+            int(batch["loss_mask"].sum()) if "loss_mask" in batch else int((batch["labels"] != -100).sum())
+            for batch in micro
+        ]
+        total = torch.tensor(float(sum(counts)), dtype=torch.float64, device=device)
+        if self.state.data_group is not None:
+            dist.all_reduce(total, group=self.state.data_group)
+        scale = self.state.data_parallel_size / max(float(total.item()), 1.0)
+        return [count * scale for count in counts]
 
     def _activation_shape(self, micro: Sequence[Batch]) -> Tuple[int, ...]:
         batch, seq = micro[0]["tokens"].shape
@@ -118,19 +139,22 @@ class ModelChunks(nn.Module):
         dtype: torch.dtype,
         scale_loss: Callable[[torch.Tensor], torch.Tensor],
         backward_context: Callable[[bool], ContextManager[None]],
+        per_token: bool = False,
     ) -> torch.Tensor:
         """Forward and backward of one global batch's micro-batches on this rank; the gradients accumulate.
 
-        Returns the mean loss over the micro-batches (data-parallel ranks averaged) on the last pipeline
-        stage, NaN on the others. ``scale_loss`` applies the loss scale; ``backward_context(is_last)``
-        wraps each backward pass (no gradient reduction before the last).
+        Returns the mean loss over the micro-batches (data-parallel ranks averaged), or the per-token loss
+        with ``per_token`` (module doc), on the last pipeline stage, NaN on the others. ``scale_loss`` applies
+        the loss scale; ``backward_context(is_last)`` wraps each backward pass (no gradient reduction before
+        the last).
         """
         raw: List[torch.Tensor] = []
         actions = schedule_for(self.spec, len(micro))
+        weights = self.loss_weights(micro, True, device) if per_token else None
         run_schedule(
             self.spec,
             actions,
-            self._forward_step(micro, device, scale_loss, raw),
+            self._forward_step(micro, device, scale_loss, raw, weights),
             len(micro),
             self._activation_shape(micro),
             dtype,
@@ -141,14 +165,18 @@ class ModelChunks(nn.Module):
         return self._data_parallel_mean(raw, device)
 
     @torch.no_grad()
-    def evaluate(self, micro: Sequence[Batch], device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-        """Mean loss over ``micro`` (data-parallel ranks averaged) on the last stage, NaN elsewhere."""
+    def evaluate(
+        self, micro: Sequence[Batch], device: torch.device, dtype: torch.dtype, per_token: bool = False
+    ) -> torch.Tensor:
+        """Mean loss over ``micro`` (data-parallel ranks averaged; per token with ``per_token``) on the last
+        stage, NaN elsewhere."""
         raw: List[torch.Tensor] = []
         actions = [a for a in schedule_for(self.spec, len(micro)) if a.kind == "F"]
+        weights = self.loss_weights(micro, True, device) if per_token else None
         run_schedule(
             self.spec,
             actions,
-            self._forward_step(micro, device, lambda loss: loss, raw),
+            self._forward_step(micro, device, lambda loss: loss, raw, weights),
             len(micro),
             self._activation_shape(micro),
             dtype,

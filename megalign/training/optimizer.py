@@ -22,7 +22,9 @@ The list :attr:`MixedPrecisionOptimizer.pairs` of :class:`ParamPair` (model para
 element range) is the one seam the sharded :class:`~megalign.training.distributed_optimizer.DistributedOptimizer`
 replaces: its masters cover only this rank's shard. Checkpoint tensors are flat and name-keyed:
 ``optimizer.master/<name>`` (only when the master is a separate copy), ``optimizer.exp_avg/<name>``,
-``optimizer.exp_avg_sq/<name>`` and ``optimizer.step/<name>`` (0-d fp32).
+``optimizer.exp_avg_sq/<name>`` and ``optimizer.step/<name>`` (0-d fp32). :meth:`load_state_dict_tensors`
+takes each tensor either parameter-shaped or as exactly the part a pair covers (the flat shard a
+distributed-optimizer rank reads from a checkpoint, see :mod:`megalign.training.checkpoint_io`).
 """
 
 from __future__ import annotations
@@ -48,29 +50,53 @@ PREFIX = "optimizer."
 _MOMENTS = ("exp_avg", "exp_avg_sq")
 
 
-def param_groups_for(model: nn.Module, weight_decay: float) -> List[Dict[str, Any]]:
+# Megatron's is_embedding_or_output_parameter: the input embedding table and the output layer (LM head).
+EMBEDDING_OR_OUTPUT = ("embed_tokens.weight", "lm_head.weight")
+
+
+def is_embedding_or_output(name: str) -> bool:
+    """Whether parameter ``name`` is the word embedding or the output layer (the --decoupled-lr params)."""
+    return name in EMBEDDING_OR_OUTPUT or name.endswith(tuple("." + suffix for suffix in EMBEDDING_OR_OUTPUT))
+
+
+def param_groups_for(
+    model: nn.Module,
+    weight_decay: float,
+    decoupled_lr: Optional[float] = None,
+    decoupled_min_lr: Optional[float] = None,
+) -> List[Dict[str, Any]]:
     """Megatron's grouping: biases and 1-D params (norm weights) get no weight decay, the rest do.
 
     Returns up to two groups (empty ones left out), each ``{"params", "names", "weight_decay", "lr_mult",
     "wd_mult"}``: the decay group has ``wd_mult=1``, the no-decay group ``wd_mult=0`` (so
-    ``LRSchedule.apply`` keeps its decay at 0); both have ``lr_mult=1``. Frozen params are left out; tied
-    params appear once.
+    ``LRSchedule.apply`` keeps its decay at 0); both have ``lr_mult=1``. With ``decoupled_lr``
+    (--decoupled-lr) the embedding and output-layer weights (:func:`is_embedding_or_output`) go to groups of
+    their own with ``max_lr=decoupled_lr`` and, if given, ``min_lr=decoupled_min_lr`` (Megatron's
+    ``_get_param_groups``), up to four groups. Frozen params are left out; tied params appear once.
     """
-    decay: Dict[str, Any] = {
-        "params": [],
-        "names": [],
-        "weight_decay": float(weight_decay),
-        "lr_mult": 1.0,
-        "wd_mult": 1.0,
-    }
-    no_decay: Dict[str, Any] = {"params": [], "names": [], "weight_decay": 0.0, "lr_mult": 1.0, "wd_mult": 0.0}
+    groups: Dict[Tuple[bool, bool], Dict[str, Any]] = {}
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
-        group = no_decay if (param.dim() == 1 or name.endswith(".bias")) else decay
+        no_wd = param.dim() == 1 or name.endswith(".bias")
+        decoupled = decoupled_lr is not None and is_embedding_or_output(name)
+        group = groups.get((no_wd, decoupled))
+        if group is None:
+            group = {
+                "params": [],
+                "names": [],
+                "weight_decay": 0.0 if no_wd else float(weight_decay),
+                "lr_mult": 1.0,
+                "wd_mult": 0.0 if no_wd else 1.0,
+            }
+            if decoupled_lr is not None and decoupled:
+                group["max_lr"] = float(decoupled_lr)
+                if decoupled_min_lr is not None:
+                    group["min_lr"] = float(decoupled_min_lr)
+            groups[(no_wd, decoupled)] = group
         group["params"].append(param)
         group["names"].append(name)
-    return [group for group in (decay, no_decay) if group["params"]]
+    return [groups[key] for key in sorted(groups, key=lambda key: (key[1], key[0]))]
 
 
 @dataclass
@@ -92,12 +118,13 @@ class ParamPair:
         """True when the master is an fp32 copy of a bf16/fp16 model parameter."""
         return self.model_param.dtype != torch.float32
 
-    def take(self, full: torch.Tensor) -> torch.Tensor:
-        """The part of a full, parameter-shaped tensor that this pair's master covers."""
-        if self.param_range is None:
-            return full
+    def take(self, tensor: torch.Tensor) -> torch.Tensor:
+        """The part of ``tensor`` that this pair's master covers: ``tensor`` is parameter-shaped (full), or
+        already that part (a flat shard read from a checkpoint), which is returned as it is."""
+        if self.param_range is None or tuple(tensor.shape) != tuple(self.model_param.shape):
+            return tensor
         start, end = self.param_range
-        return full.reshape(-1)[start:end]
+        return tensor.reshape(-1)[start:end]
 
     @property
     def main_grad(self) -> torch.Tensor:
@@ -160,6 +187,7 @@ class MixedPrecisionOptimizer:
         overlap_grad_reduce: bool = False,
         model_parallel_groups: Sequence[Optional[Any]] = (),
         tensor_parallel_rank: int = 0,
+        grad_dtype: torch.dtype = torch.float32,
     ) -> None:
         if not (math.isfinite(lr) and lr >= 0.0):
             raise ConfigError(f"--lr {lr} must be a finite number >= 0")
@@ -203,6 +231,7 @@ class MixedPrecisionOptimizer:
             bucket_size=bucket_size,
             overlap_grad_reduce=overlap_grad_reduce,
             shard=self.SHARDED,
+            grad_dtype=grad_dtype,
         )
         self._norm_groups = [
             group
@@ -245,12 +274,12 @@ class MixedPrecisionOptimizer:
         cls, model: nn.Module, optimization: OptimizationSection, parallel: ParallelSection, state: Any = None
     ) -> "MixedPrecisionOptimizer":
         """Build for ``model`` from a run's optimization section (lr, weight decay, AdamW betas and epsilon,
-        clipping) and parallel section (gradient buckets, overlap). ``state``: the run's ParallelState (its DP,
-        TP and PP groups), None for one process."""
+        clipping, --decoupled-lr) and parallel section (gradient buckets, overlap, --grad-reduce-in-bf16).
+        ``state``: the run's ParallelState (its DP, TP and PP groups), None for one process."""
         opt = optimization
         if opt.lr is None:
             raise ConfigError("--lr is required")
-        groups = param_groups_for(model, opt.weight_decay)
+        groups = param_groups_for(model, opt.weight_decay, opt.decoupled_lr, opt.decoupled_min_lr)
         return cls(
             groups,
             lr=opt.lr,
@@ -259,6 +288,7 @@ class MixedPrecisionOptimizer:
             clip_grad=opt.clip_grad,
             bucket_size=parallel.ddp_bucket_size,
             overlap_grad_reduce=parallel.overlap_grad_reduce,
+            grad_dtype=torch.bfloat16 if parallel.grad_reduce_in_bf16 else torch.float32,
             **parallel_kwargs(state),
         )
 
@@ -268,8 +298,9 @@ class MixedPrecisionOptimizer:
         return self.inner.param_groups
 
     def main_grads(self) -> List[torch.Tensor]:
-        """The fp32 accumulated gradients this rank optimizes, in :attr:`pairs` order."""
-        return [pair.main_grad for pair in self.pairs]
+        """The fp32 accumulated gradients this rank optimizes, in :attr:`pairs` order (fp32 copies of the
+        bf16 buffers with --grad-reduce-in-bf16)."""
+        return [pair.main_grad.float() for pair in self.pairs]
 
     def no_sync(self) -> ContextManager[None]:
         """Context for every micro-batch's backward but the last: accumulate without communicating."""
@@ -430,13 +461,17 @@ class MixedPrecisionOptimizer:
         tensors: Mapping[str, torch.Tensor],
         state_json: Optional[Mapping[str, Any]] = None,
         param_names: Optional[Mapping[str, str]] = None,
+        *,
+        take_ownership: bool = False,
     ) -> None:
         """Restore :meth:`state_dict_tensors` (and optionally :meth:`state_dict_json`) output exactly.
 
-        Masters are loaded and copied into the model params; moments and step counts replace the AdamW
-        state (each rank keeps the part its pairs cover). Group lr and weight_decay come from ``state_json``
-        (the LR schedule rewrites them anyway); betas/eps stay as configured now. Raises DataFormatError
-        naming missing, unexpected or misshapen tensors.
+        Each tensor is parameter-shaped, or just the part this rank's pair covers (then only tensors of
+        this rank's pairs are needed). Masters are loaded and copied into the model params; moments and
+        step counts replace the AdamW state (each rank keeps the part its pairs cover). Group lr and
+        weight_decay come from ``state_json`` (the LR schedule rewrites them anyway); betas/eps stay as
+        configured now. ``take_ownership``: keep the given moment tensors instead of copying them (the
+        caller read them fresh). Raises DataFormatError naming missing, unexpected or misshapen tensors.
         """
         names = self._names(param_names)
         self._check_tensors(tensors, names)
@@ -458,7 +493,9 @@ class MixedPrecisionOptimizer:
                 pair = pair_of[id(master)]
                 name = names[pair.name]
                 if f"{PREFIX}exp_avg/{name}" in tensors:
-                    moments = {key: pair.take(tensors[f"{PREFIX}{key}/{name}"]).detach().clone() for key in _MOMENTS}
+                    moments = {key: pair.take(tensors[f"{PREFIX}{key}/{name}"]).detach() for key in _MOMENTS}
+                    if not take_ownership:
+                        moments = {key: value.clone() for key, value in moments.items()}
                     torch_state["state"][index[id(master)]] = {
                         **moments,
                         "step": tensors[f"{PREFIX}step/{name}"].detach().clone(),
@@ -468,9 +505,14 @@ class MixedPrecisionOptimizer:
             for pair in self.pairs:
                 if pair.separate_master:
                     pair.master_param.copy_(pair.take(tensors[f"{PREFIX}master/{names[pair.name]}"]))
-            for name, param in self.named_params:  # every rank has the full masters: no gather needed
-                if param.dtype != torch.float32:
-                    param.copy_(tensors[f"{PREFIX}master/{names[name]}"])
+            for name, param in self.named_params:  # full masters: every element known, no gather needed
+                master = tensors.get(f"{PREFIX}master/{names[name]}")
+                if param.dtype != torch.float32 and master is not None and master.shape == param.shape:
+                    param.copy_(master)
+            for pair in self.pairs:  # flat-shard masters: this rank's elements (the rest came with the weights)
+                if pair.separate_master and pair.param_range is not None:
+                    start, end = pair.param_range
+                    pair.model_param.detach().view(-1)[start:end].copy_(pair.master_param)
 
     def _check_tensors(self, tensors: Mapping[str, torch.Tensor], names: Mapping[str, str]) -> None:
         """DataFormatError naming missing, unexpected or misshapen optimizer tensors."""
@@ -482,25 +524,24 @@ class MixedPrecisionOptimizer:
                 f"model lacks, e.g. {unexpected[:3]}; was it saved from a different model?"
             )
         with_state = any(f"{PREFIX}exp_avg/{name}" in tensors for name in names.values())
-        required = [
-            f"{PREFIX}master/{names[name]}" for name, param in self.named_params if param.dtype != torch.float32
-        ]
+        required = [f"{PREFIX}master/{names[pair.name]}" for pair in self.pairs if pair.separate_master]
         if with_state:
-            required += [f"{PREFIX}{key}/{name}" for name in names.values() for key in (*_MOMENTS, "step")]
+            required += [f"{PREFIX}{key}/{names[pair.name]}" for pair in self.pairs for key in (*_MOMENTS, "step")]
         missing = [key for key in required if key not in tensors]
         if missing:
             raise DataFormatError(
                 f"the checkpoint lacks {len(missing)} optimizer tensors, e.g. {missing[:3]}; "
                 "it is damaged, or was saved with a different precision or model"
             )
+        parts = {pair.name: tuple(pair.master_param.shape) for pair in self.pairs}
         for own, param in self.named_params:
             name = names[own]
             for key in ("master", *_MOMENTS):
                 tensor = tensors.get(f"{PREFIX}{key}/{name}")
-                if tensor is not None and tuple(tensor.shape) != tuple(param.shape):
+                if tensor is not None and tuple(tensor.shape) not in (tuple(param.shape), parts.get(own)):
                     raise DataFormatError(
                         f"optimizer tensor {PREFIX}{key}/{name} has shape {tuple(tensor.shape)}, "
-                        f"the model parameter has {tuple(param.shape)}"
+                        f"the model parameter has {tuple(param.shape)} (this rank's part: {parts.get(own)})"
                     )
             step = tensors.get(f"{PREFIX}step/{name}")
             if step is not None and step.dim() != 0:

@@ -5,9 +5,13 @@ Console (one line per interval, means over the interval's steps)::
     step 20/200 | loss 6.123456 | lr 3.0000e-04 | grad norm 1.2345 | loss scale 1 | skipped 0 |
     41.2k tokens/s | 80.4 samples/s | 0.53 TFLOP/s | MFU 41.2% | mem 1.23 GiB (peak 1.50) | ETA 0:01:23
 
+The model TFLOP/s per device and MFU fields (console and TensorBoard) come with ``log_throughput``
+(--log-throughput, as Megatron prints its throughput only then).
+
 TensorBoard (every --tensorboard-log-interval steps, Megatron's tag names): ``lm loss``, ``learning-rate``,
 ``grad-norm``, ``loss-scale``, ``skipped-steps`` (running total), ``tokens-per-second``,
-``samples-per-second``, ``tflops``, ``mfu`` (with a peak), ``mem-allocated-gib``, ``mem-peak-gib``;
+``samples-per-second``, ``tflops`` and ``mfu`` (with --log-throughput; ``mfu`` with a peak),
+``mem-allocated-gib``, ``mem-peak-gib``;
 validation: ``lm loss validation`` and ``lm loss validation ppl``. The events are written with
 ``torch.utils.tensorboard.SummaryWriter``, imported only when a TensorBoard directory is given.
 """
@@ -55,7 +59,8 @@ def perplexity(loss: float) -> float:
 class StepLogger:
     """Accumulates per-step metrics and writes them to ``stream`` and (optionally) TensorBoard.
 
-    ``tokens_per_step``/``samples_per_step``: one global batch; ``meter`` turns them into rates and MFU.
+    ``tokens_per_step``/``samples_per_step``: one global batch; ``meter`` turns them into rates and MFU;
+    ``log_throughput``: report TFLOP/s and MFU.
     """
 
     def __init__(
@@ -69,8 +74,10 @@ class StepLogger:
         log_interval: int,
         tensorboard_dir: Optional[str] = None,
         tensorboard_interval: int = 1,
+        log_throughput: bool = True,
     ) -> None:
         self.stream, self.device, self.meter = stream, device, meter
+        self.log_throughput = log_throughput
         self.tokens_per_step, self.samples_per_step = tokens_per_step, samples_per_step
         self.total_steps, self.log_interval, self.tensorboard_interval = total_steps, log_interval, tensorboard_interval
         self.tensorboard = open_summary_writer(tensorboard_dir) if tensorboard_dir else None
@@ -121,12 +128,15 @@ class StepLogger:
         mean = sum(self.losses) / len(self.losses) if self.losses else math.nan
         norm = sum(self.norms) / len(self.norms) if self.norms else math.nan
         rates = self._rates()
-        mfu = f"MFU {rates.mfu:.1%}" if rates.mfu is not None else "MFU n/a (--peak-tflops)"
+        throughput = ""
+        if self.log_throughput:
+            mfu = f"MFU {rates.mfu:.1%}" if rates.mfu is not None else "MFU n/a (--peak-tflops)"
+            throughput = f"{rates.tflops:.3g} TFLOP/s | {mfu} | "
         eta = (time.monotonic() - self.run_started) / self.run_steps * (self.total_steps - step)
         return (
             f"step {step}/{self.total_steps} | loss {mean:.6f} | lr {lr:.4e} | grad norm {norm:.4f} | "
             f"loss scale {loss_scale:g} | skipped {self.skipped} | {format_count(rates.tokens_per_s)} tokens/s "
-            f"| {rates.samples_per_s:.1f} samples/s | {rates.tflops:.3g} TFLOP/s | {mfu} | "
+            f"| {rates.samples_per_s:.1f} samples/s | {throughput}"
             f"{memory_usage(self.device).describe()} | ETA {format_duration(eta)}"
         )
 
@@ -140,7 +150,6 @@ class StepLogger:
             "skipped-steps": self.skipped_total,
             "tokens-per-second": rates.tokens_per_s,
             "samples-per-second": rates.samples_per_s,
-            "tflops": rates.tflops,
             "mem-allocated-gib": memory.current_gib,
             "mem-peak-gib": memory.peak_gib,
         }
@@ -148,8 +157,10 @@ class StepLogger:
             scalars["lm loss"] = loss
             if grad_norm is not None:
                 scalars["grad-norm"] = grad_norm
-        if rates.mfu is not None:
-            scalars["mfu"] = rates.mfu
+        if self.log_throughput:
+            scalars["tflops"] = rates.tflops
+            if rates.mfu is not None:
+                scalars["mfu"] = rates.mfu
         self._add_scalars(scalars, step)
 
     def _add_scalars(self, scalars: Mapping[str, float], step: int) -> None:

@@ -23,27 +23,36 @@ import argparse
 import contextlib
 import io
 import sys
+import time
 from dataclasses import dataclass, field
 from typing import Any, Dict, Iterator, List, Optional, TextIO, Tuple
 
 import torch
 
-from megalign.checkpoint.storage import Checkpoint, find_latest_valid
-from megalign.config import TrainingConfig, config_from_namespace
+from megalign.checkpoint.model_record import read_model_record
+from megalign.checkpoint.storage import Checkpoint
+from megalign.config import TrainingConfig
 from megalign.config import add_arguments as add_config_arguments
 from megalign.config.model import flops_per_token
-from megalign.data.tokenizers import Tokenizer
+from megalign.data.tokenizers import Tokenizer, build_tokenizer, padded_vocab_size
 from megalign.data.training_data import build_training_datasets
 from megalign.errors import ConfigError, DataFormatError
 from megalign.model.attention_backends import check_attention_backend
 from megalign.parallel.launch import any_rank, setup_parallel
 from megalign.training import batches
+from megalign.training.checkpoint_args import (
+    open_load_checkpoint,
+    run_model_record,
+    save_tokenizer_files,
+    training_config_from_namespace,
+)
 from megalign.training.checkpoint_io import CheckpointIO
 from megalign.training.distributed_optimizer import build_optimizer
 from megalign.training.loss_scale import SkippedStepTracker, TooManyNonFiniteSteps, loss_scaler_from_config
 from megalign.training.lr_schedule import LRSchedule
 from megalign.training.model_chunks import ModelChunks
 from megalign.training.preemption import PreemptionHandler
+from megalign.training.run_controls import Clock, RunControls, empty_cache
 from megalign.training.step_log import StepLogger
 from megalign.training.throughput import ThroughputMeter, peak_tflops
 from megalign.utils.progress import format_count
@@ -73,6 +82,7 @@ class TrainResult:
     evaluations: Dict[int, float] = field(default_factory=dict)
     checkpoint: Optional[str] = None
     preempted_by: Optional[str] = None
+    out_of_time: bool = False  # --exit-duration-in-mins stopped the run
     logging_rank: bool = True  # False on the ranks of a parallel job that do not print
 
 
@@ -86,10 +96,10 @@ def check_data_flags(config: TrainingConfig) -> None:
             "--overlap-grad-reduce cannot be used with tied embeddings and --pipeline-model-parallel-"
             "size > 1 (the two copies of the table are summed before the gradient reduction)"
         )
-    if config.data.data_path is None:
-        raise ConfigError("--data-path is required for training (prefixes written by `megalign preprocess`)")
-    if config.data.tokenizer_type is None:
-        raise ConfigError("--tokenizer-type is required for training (with --tokenizer-model where it needs one)")
+    if config.data.data_path is None and not config.data.mock_data:
+        raise ConfigError(
+            "--data-path is required for training (prefixes written by `megalign preprocess`), or --mock-data"
+        )
 
 
 def _model_dtype(config: TrainingConfig) -> torch.dtype:
@@ -99,7 +109,12 @@ def _model_dtype(config: TrainingConfig) -> torch.dtype:
 
 
 class Trainer:
-    """One training run of ``config``: call :meth:`train`. Log lines go to ``stream``."""
+    """One training run of ``config``: call :meth:`train`. Log lines go to ``stream``.
+
+    ``clock`` (monotonic seconds) times --exit-duration-in-mins; tests replace it.
+    """
+
+    clock: Clock = staticmethod(time.monotonic)
 
     def __init__(self, config: TrainingConfig, stream: TextIO = sys.stdout) -> None:
         check_data_flags(config)
@@ -115,18 +130,21 @@ class Trainer:
         self.consumed_samples = 0
 
         torch.manual_seed(config.misc.seed)
-        self.tokenizer, vocab_size = self._build_tokenizer()
+        self.checkpoint = self._open_checkpoint()
+        self.record = read_model_record(self.checkpoint) if self.checkpoint is not None else None
+        self.tokenizer, padded_rows, true_vocab = self._build_tokenizer()
         self.train_data, self.valid_data = self._build_datasets()
         self._log(f"data loader: {self.num_workers} worker processes (--num-workers)")
-        self.model = self._build_model(vocab_size)
+        self.model = self._build_model(padded_rows, true_vocab)
         self.checkpoints = CheckpointIO(self.model, self.state, self._log, config.checkpointing)
-        self.checkpoint = self._open_checkpoint()
+        self.model_record = run_model_record(self.model.config, self.tokenizer, self.record)
+        self.tokenizer_files_saved = False
         if self.checkpoint is not None and config.checkpointing.finetune:
             self._load_weights(self.checkpoint)
         self.optimizer = build_optimizer(
             self.model, config.optimization, config.parallel, self.state if self.state.world_size > 1 else None
         )
-        self.schedule = LRSchedule.from_config(config.optimization, self.train_iters)
+        self.schedule = LRSchedule.from_config(config.optimization, self.train_iters, self.global_batch_size)
         self.scaler = loss_scaler_from_config(config.precision)
         self.tracker = SkippedStepTracker(config.checkpointing.max_consecutive_skipped_steps)
         if self.checkpoint is not None and not config.checkpointing.finetune:
@@ -137,17 +155,46 @@ class Trainer:
     def _log(self, text: str) -> None:
         print(text, file=self.stream, flush=True)
 
-    def _build_tokenizer(self) -> Tuple[Tokenizer, int]:
-        from megalign.data.tokenizers import build_tokenizer, padded_vocab_size
+    def _build_tokenizer(self) -> Tuple[Tokenizer, int, int]:
+        """The tokenizer, the embedding's rows for this layout and the true vocabulary.
 
+        The true vocabulary is the --load checkpoint's when there is one (a Qwen2 model has more rows than its
+        tokenizer has tokens), else the tokenizer's; the rows pad it Megatron's way for this TP size."""
         d = self.config.data
-        assert d.tokenizer_type is not None  # check_data_flags requires it before anything is built
-        tokenizer = build_tokenizer(d.tokenizer_type, d.tokenizer_model, vocab_size=self.config.model.vocab_size)
-        padded = padded_vocab_size(
-            tokenizer.vocab_size, d.make_vocab_size_divisible_by, self.config.parallel.tensor_model_parallel_size
+        record = self.record
+        tokenizer_type, tokenizer_model = d.tokenizer_type, d.tokenizer_model
+        if tokenizer_type is None and record is not None and record.tokenizer_dir is not None:
+            tokenizer_type, tokenizer_model = "HuggingFaceTokenizer", str(record.tokenizer_dir)
+            self._log(f"tokenizer: the --load checkpoint's files in {record.tokenizer_dir}")
+        if tokenizer_type is None:
+            raise ConfigError(
+                "--tokenizer-type is required for training (with --tokenizer-model where it needs one), unless "
+                "--load names a checkpoint that carries its tokenizer files"
+            )
+        tokenizer = build_tokenizer(
+            tokenizer_type,
+            tokenizer_model,
+            vocab_size=self.config.model.vocab_size,
+            vocab_file=d.vocab_file,
+            merge_file=d.merge_file,
         )
-        self._log(f"tokenizer {d.tokenizer_type}: {tokenizer.vocab_size} tokens, padded to {padded}")
-        return tokenizer, padded
+        true_vocab = tokenizer.vocab_size if record is None else record.true_vocab_size
+        if tokenizer.vocab_size > true_vocab:
+            assert record is not None and self.checkpoint is not None  # a tokenizer fits its own vocabulary
+            raise ConfigError(
+                f"tokenizer {tokenizer_type} ({tokenizer_model}) has {tokenizer.vocab_size} tokens, more than the "
+                f"vocabulary of {true_vocab} of the --load checkpoint {self.checkpoint.path} "
+                f"({record.model_config.vocab_size} rows); pass the tokenizer that model was trained with"
+            )
+        padded = padded_vocab_size(
+            true_vocab, d.make_vocab_size_divisible_by, self.config.parallel.tensor_model_parallel_size
+        )
+        source = "the checkpoint's vocabulary" if record is not None else "its vocabulary"
+        self._log(
+            f"tokenizer {tokenizer_type}: {tokenizer.vocab_size} tokens; {source} of {true_vocab} padded to "
+            f"{padded} rows (--make-vocab-size-divisible-by {d.make_vocab_size_divisible_by} x TP)"
+        )
+        return tokenizer, padded, true_vocab
 
     def _build_datasets(self) -> Tuple[Any, Optional[Any]]:
         eval_iters = self.config.logging.eval_iters
@@ -162,13 +209,13 @@ class Trainer:
             log=self._log,
         )
 
-    def _build_model(self, vocab_size: int) -> ModelChunks:
+    def _build_model(self, vocab_size: int, true_vocab_size: int) -> ModelChunks:
         model_config, options, dtype = (
-            self.config.model_config(vocab_size=vocab_size),
+            self.config.model_config(vocab_size=vocab_size, true_vocab_size=true_vocab_size),
             self.config.model_options(),
             _model_dtype(self.config),
         )
-        backend = check_attention_backend(options.attention_backend, self.device, dtype)
+        backend = check_attention_backend(options.attention_backend, self.device, dtype, warn=self.state.rank == 0)
         p = self.config.parallel
         model = ModelChunks(
             model_config,
@@ -198,20 +245,18 @@ class Trainer:
                 layer.compile()
             self._log("torch.compile: decoder layers compile on the first step")
         self.flops_per_token = flops_per_token(model_config, self.seq_length)
-        self.vocab_size = model_config.vocab_size
+        self.vocab_size = model_config.real_vocab_size  # token ids the data may hold
         return model
 
     def _open_checkpoint(self) -> Optional[Checkpoint]:
-        load = self.config.checkpointing.load
-        if load is None:
+        c = self.config.checkpointing
+        if c.load is None:
             return None
-        checkpoint, problems = find_latest_valid(load)
-        for problem in problems:
-            self._log(f"warning: {problem}")
+        checkpoint = open_load_checkpoint(c.load, self._log)
+        if checkpoint is None and c.finetune:
+            raise DataFormatError(f"--load {c.load}: holds no checkpoint; --finetune needs one to start from")
         if checkpoint is None:
-            raise DataFormatError(
-                f"--load {load}: no valid checkpoint found" + (f" ({problems[-1]})" if problems else "")
-            )
+            self._log(f"--load {c.load}: no checkpoint there yet; training starts from scratch")
         return checkpoint
 
     def _load_weights(self, checkpoint: Checkpoint) -> None:
@@ -281,11 +326,19 @@ class Trainer:
         self.model.train()
         self.optimizer.zero_grad()
         loss = self.model.train_step(
-            micro, self.device, _model_dtype(self.config), self.scaler.scale, self._backward_context
+            micro,
+            self.device,
+            _model_dtype(self.config),
+            self.scaler.scale,
+            self._backward_context,
+            per_token=self.config.optimization.calculate_per_token_loss,
         )
+        level = self.config.misc.empty_unused_memory_level
+        empty_cache(level, 1, self.device)
         result = self.optimizer.step(self.scaler)
         if not result.skipped:
-            self.schedule.step(self.optimizer)
+            self.schedule.step(self.optimizer)  # by the global batch size in a sample-based schedule
+        empty_cache(level, 2, self.device)
         return float(loss.item()), result
 
     def evaluate(self) -> float:
@@ -294,8 +347,11 @@ class Trainer:
         count = self.config.logging.eval_iters * self.num_microbatches
         micro = batches.take(self._micro_batches(self.valid_data, 0), count, "validation")
         self._check_tokens(micro)
-        loss = self.model.evaluate(micro, self.device, _model_dtype(self.config))
+        loss = self.model.evaluate(
+            micro, self.device, _model_dtype(self.config), self.config.optimization.calculate_per_token_loss
+        )
         self.model.train()
+        empty_cache(self.config.misc.empty_unused_memory_level, 1, self.device)
         return float(loss.item())
 
     def save(self) -> str:
@@ -305,7 +361,11 @@ class Trainer:
             "loss_scaler": self.scaler.state_dict(),
             "skipped_steps": self.tracker.state_dict(),
             "optimizer": self.optimizer.state_dict_json(),
+            **self.model_record.metadata_extra(),
         }
+        save_dir = self.config.checkpointing.save
+        if save_dir is not None and self.state.rank == 0 and not self.tokenizer_files_saved:
+            self.tokenizer_files_saved = save_tokenizer_files(self.model_record, save_dir)
         return self.checkpoints.save(
             self.iteration,
             self.optimizer,
@@ -331,11 +391,15 @@ class Trainer:
             log_cfg.log_interval,
             log_cfg.tensorboard_dir if self.state.is_logging_rank else None,
             log_cfg.tensorboard_log_interval,
+            log_throughput=log_cfg.log_throughput,
         )
+        controls = RunControls(self.config, self.device, self.state.rank, self.clock, self._log)
         try:
+            controls.start()
             with PreemptionHandler() as preemption:
-                result = self._loop(stop_after, preemption, logger)
+                result = self._loop(stop_after, preemption, logger, controls)
         finally:
+            controls.close()
             logger.close()
             self.checkpoints.wait()
         result.iteration, result.consumed_samples = self.iteration, self.consumed_samples
@@ -347,14 +411,18 @@ class Trainer:
         peak = peak_tflops(self.device, _model_dtype(self.config), self.config.logging.peak_tflops)
         return ThroughputMeter(self.flops_per_token // self.state.world_size, peak)
 
-    def _loop(self, stop_after: Optional[int], preemption: PreemptionHandler, logger: StepLogger) -> TrainResult:
+    def _loop(
+        self, stop_after: Optional[int], preemption: PreemptionHandler, logger: StepLogger, controls: RunControls
+    ) -> TrainResult:
         c, log_cfg = self.config.checkpointing, self.config.logging
         last = self.train_iters if stop_after is None else min(stop_after, self.train_iters)
         result = TrainResult(self.iteration, self.consumed_samples)
         stream = self._micro_batches(self.train_data, self.consumed_samples)
         while self.iteration < last:
             lr = self.schedule.current_lr  # the rate this step uses
-            loss, step = self.train_step(batches.take(stream, self.num_microbatches, "training"))
+            controls.before_step(self.iteration)
+            with controls.step_range(self.iteration + 1):
+                loss, step = self.train_step(batches.take(stream, self.num_microbatches, "training"))
             self.iteration += 1
             self.consumed_samples += self.global_batch_size
             result.losses[self.iteration] = loss
@@ -378,7 +446,9 @@ class Trainer:
             if self.valid_data is not None and (
                 self.iteration % log_cfg.eval_interval == 0 or self.iteration == self.train_iters
             ):
+                controls.gc.around_evaluation()
                 loss = self.evaluate()
+                controls.gc.around_evaluation()
                 result.evaluations[self.iteration] = loss
                 logger.validation(self.iteration, loss)
             saved_now = c.save is not None and (
@@ -386,10 +456,26 @@ class Trainer:
             )
             if saved_now:
                 result.checkpoint = self.save()
+            controls.after_step(self.iteration)
             if any_rank(preemption.requested, self.device):
                 self._stop_for_signal(preemption.signal_name or "a signal on another rank", result, saved_now)
                 break
+            if self.iteration < last and controls.time_is_up():
+                self._stop_for_time(controls.exit_timer.elapsed_minutes, result, saved_now)
+                break
         return result
+
+    def _stop_for_time(self, minutes: float, result: TrainResult, saved_now: bool) -> None:
+        """--exit-duration-in-mins: checkpoint the current step (unless just saved) when --save is set."""
+        result.out_of_time = True
+        save = self.config.checkpointing.save
+        if save is not None and not saved_now:
+            result.checkpoint = self.save()
+        where = f"saved checkpoint {result.checkpoint}" if save is not None else "no --save directory, nothing saved"
+        self._log(
+            f"--exit-duration-in-mins {self.config.misc.exit_duration_in_mins}: {minutes:.1f} minutes of training, "
+            f"exiting at step {self.iteration} ({where})"
+        )
 
     def _stop_for_signal(self, name: str, result: TrainResult, saved_now: bool) -> None:
         """Checkpoint the current step (unless just saved) and record that ``name`` stopped the run."""
@@ -429,12 +515,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def main(args: argparse.Namespace) -> int:
     """Entry point of ``megalign train`` / pretrain_gpt.py."""
-    result = train(config_from_namespace(args))
+    result = train(training_config_from_namespace(args))
     if not result.logging_rank:
         return 0
     if result.preempted_by is not None:
         print(
             f"training stopped by {result.preempted_by} at step {result.iteration} ({result.consumed_samples} samples)",
+            flush=True,
+        )
+        return 0
+    if result.out_of_time:
+        print(
+            f"training stopped by --exit-duration-in-mins at step {result.iteration} "
+            f"({result.consumed_samples} samples)",
             flush=True,
         )
         return 0

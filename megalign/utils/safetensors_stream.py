@@ -85,7 +85,7 @@ class StreamingSafetensorsWriter:
             raise RuntimeError(f"{self.path}: tensor {name} has shape {list(tensor.shape)}, planned {list(shape)}")
         data = tensor.detach().to("cpu", dtype).contiguous()
         if data.numel():
-            self._handle.write(data.view(torch.uint8).reshape(-1).numpy().data)
+            self._handle.write(data.reshape(-1).view(torch.uint8).numpy().data)  # 0-d tensors too
 
     def close(self) -> Dict[str, Any]:
         """Finish the file (every planned tensor must have been added); returns ``{"size": bytes}``."""

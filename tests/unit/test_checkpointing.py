@@ -10,10 +10,17 @@ import pytest
 import safetensors.torch
 import torch
 
-from megalign.errors import DataFormatError
 from megalign.checkpoint import storage as ckpt
 from megalign.checkpoint.format import (
-    FORMAT_NAME, FORMAT_VERSION, LATEST_FILE, METADATA_FILE, ShardSpec, TensorSpec, iter_dir_name)
+    FORMAT_NAME,
+    FORMAT_VERSION,
+    LATEST_FILE,
+    METADATA_FILE,
+    ShardSpec,
+    TensorSpec,
+    iter_dir_name,
+)
+from megalign.errors import DataFormatError
 
 
 def _states(seed: int = 0) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
@@ -102,16 +109,16 @@ def test_rng_restore_reproduces_draws(tmp_path: Path) -> None:
 def test_failed_save_leaves_nothing_behind(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     model, optim = _states()
     ckpt.save_checkpoint(tmp_path, 1, model, optim)
-    real_save = safetensors.torch.save_file
+    real_save = ckpt.write_safetensors
     calls = []
 
     def failing_save(*args, **kwargs):
-        calls.append(args[1])
+        calls.append(args[0])
         if len(calls) == 2:
             raise OSError("disk full")
         return real_save(*args, **kwargs)
 
-    monkeypatch.setattr(safetensors.torch, "save_file", failing_save)
+    monkeypatch.setattr(ckpt, "write_safetensors", failing_save)
     with pytest.raises(OSError, match="disk full"):
         ckpt.save_checkpoint(tmp_path, 2, model, optim, keep_last=1)
     assert len(calls) == 2
@@ -281,3 +288,95 @@ def test_sharded_metadata_with_gap_is_rejected(tmp_path: Path) -> None:
     with pytest.raises(DataFormatError, match=r"1 of 2 parts") as info:
         ckpt.load_checkpoint(tmp_path)
     assert str(meta_path) in str(info.value)
+
+
+# ----- flat-sharded tensors (format version 2), version 1 compatibility, vocabulary rows -----
+
+def _flat_checkpoint(tmp_path: Path) -> Path:
+    """A one-process checkpoint whose exp_avg of ``w`` is stored flat-sharded (one piece, DP=1)."""
+    from megalign.checkpoint.sharded import FlatShard, save_sharded_checkpoint
+    from megalign.parallel.state import ParallelState
+
+    w = torch.arange(12, dtype=torch.float32).reshape(4, 3)
+    shards = {"optimizer.exp_avg/w": FlatShard(2 * w.reshape(-1)[:12], (4, 3), 0, 12, 0, 0)}
+    shapes = {"w": (4, 3), "optimizer.exp_avg/w": (4, 3), "optimizer.step/w": ()}
+    layout = [{"index": 0, "dtype": "float32", "range": [0, 12], "shard": [0, 12]}]
+    path = save_sharded_checkpoint(str(tmp_path), 1, ParallelState(), {"w": w}, {"optimizer.step/w": torch.tensor(1.0)},
+                                   shapes, optimizer_shards=shards, bucket_layout=layout)
+    meta = json.loads((path / METADATA_FILE).read_text())
+    assert meta["format_version"] == 2 and meta["tensors"]["optimizer.exp_avg/w"]["shards"] == []
+    return path
+
+
+def test_flat_tensors_read_whole_and_by_box(tmp_path: Path) -> None:
+    _flat_checkpoint(tmp_path)
+    loaded = ckpt.load_checkpoint(tmp_path)
+    w = torch.arange(12, dtype=torch.float32).reshape(4, 3)
+    assert torch.equal(loaded.read_tensor("optimizer.exp_avg/w"), 2 * w)
+    assert torch.equal(loaded.read_tensor("optimizer.exp_avg/w", 1, 1, 3), 2 * w[:, 1:3])
+    assert torch.equal(loaded.read_box("optimizer.exp_avg/w", [(1, 3), (0, 2)]), 2 * w[1:3, :2])
+    assert loaded.metadata.files["optim_tp0_pp0_dp0.safetensors"]["buckets"][0]["shard"] == [0, 12]
+
+
+def _edit_flat(path: Path, edit) -> None:
+    meta = json.loads((path / METADATA_FILE).read_text())
+    edit(meta, meta["tensors"]["optimizer.exp_avg/w"]["flat"])
+    (path / METADATA_FILE).write_text(json.dumps(meta))
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda meta, flat: flat["pieces"][0].update(range=[1, 12]), "starts at element 1, expected 0"),
+    (lambda meta, flat: flat["pieces"][0].update(range=[0, 11]), "cover 11 of 12"),
+    (lambda meta, flat: flat.update(format=7), "flat format 1"),
+    (lambda meta, flat: flat["pieces"][0].update(file="nowhere.safetensors"), "not listed"),
+    (lambda meta, flat: flat["pieces"][0].update(bucket=3), "bucket 3"),
+    (lambda meta, flat: meta.update(format_version=1), "needs format version 2"),
+    (lambda meta, flat: meta["files"]["optim_tp0_pp0_dp0.safetensors"]["buckets"][0].update(shard=[0, 13]),
+     "outside its range"),
+])
+def test_flat_metadata_is_validated(tmp_path: Path, edit, message: str) -> None:
+    path = _flat_checkpoint(tmp_path)
+    _edit_flat(path, edit)
+    with pytest.raises(DataFormatError, match=message) as info:
+        ckpt.load_checkpoint(tmp_path)
+    assert str(path / METADATA_FILE) in str(info.value)
+
+
+def test_flat_piece_of_the_wrong_size_names_file_and_tensor(tmp_path: Path) -> None:
+    path = _flat_checkpoint(tmp_path)
+    meta = json.loads((path / METADATA_FILE).read_text())
+    meta["tensors"]["optimizer.exp_avg/w"]["shape"] = [4, 4]
+    meta["tensors"]["optimizer.exp_avg/w"]["flat"]["pieces"][0]["range"] = [0, 16]
+    (path / METADATA_FILE).write_text(json.dumps(meta))
+    with pytest.raises(DataFormatError, match=r"optim_tp0_pp0_dp0.safetensors: tensor 'optimizer.exp_avg/w'"):
+        ckpt.load_checkpoint(tmp_path)
+
+
+def test_version_1_checkpoints_still_load(tmp_path: Path) -> None:
+    model, optim = _states()
+    path = ckpt.save_checkpoint(tmp_path, 3, model, optim)
+    meta = json.loads((path / METADATA_FILE).read_text())
+    meta["format_version"] = 1
+    (path / METADATA_FILE).write_text(json.dumps(meta))
+    _assert_equal(ckpt.load_checkpoint(tmp_path).model_state(), model)
+
+
+def test_vocab_rows_may_differ_other_shapes_may_not(tmp_path: Path) -> None:
+    from megalign.checkpoint.sharded import read_local_shard
+    from megalign.parallel.state import ParallelState
+
+    gen = torch.Generator().manual_seed(1)
+    stored = {"embed_tokens.weight": torch.randn(6, 3, generator=gen), "layers.0.w": torch.randn(6, 3, generator=gen)}
+    ckpt.save_checkpoint(tmp_path, 1, stored, {"optimizer.exp_avg/lm_head.weight": stored["layers.0.w"]}, rng=False)
+    loaded = ckpt.load_checkpoint(tmp_path)
+    one, tp2 = ParallelState(), ParallelState(world_size=2, tensor_model_parallel_size=2, tensor_model_parallel_rank=1)
+    more = read_local_shard(loaded, "embed_tokens.weight", (4, 3), (8, 3), tp2)  # rows 4..8 of 8: 6, 7 are padding
+    assert torch.equal(more[:2], stored["embed_tokens.weight"][4:]) and not more[2:].any()
+    fewer = read_local_shard(loaded, "optimizer.exp_avg/lm_head.weight", (4, 3), (4, 3), one)
+    assert torch.equal(fewer, stored["layers.0.w"][:4])
+    flat = read_local_shard(loaded, "embed_tokens.weight", (4, 3), (8, 3), tp2, flat_range=(5, 9))
+    assert torch.equal(flat, more.reshape(-1)[5:9])
+    with pytest.raises(DataFormatError, match=r"tensor layers.0.w has shape \[6, 3\].*this model's is \[8, 3\]"):
+        read_local_shard(loaded, "layers.0.w", (8, 3), (8, 3), one)
+    with pytest.raises(DataFormatError, match=r"embed_tokens.weight has shape \[6, 3\].*\[6, 4\]"):
+        read_local_shard(loaded, "embed_tokens.weight", (6, 4), (6, 4), one)

@@ -186,12 +186,15 @@ def test_required_flags(drop: str, match: str) -> None:
 
 def test_model_without_preset_uses_megatron_rules() -> None:
     cfg = load_config(["--num-layers", "2", "--hidden-size", "96", "--num-attention-heads", "6", "--seq-length",
-                       "128", "--micro-batch-size", "1", "--train-iters", "10", "--lr", "1e-3"])
+                       "128", "--micro-batch-size", "1", "--train-iters", "10", "--lr", "1e-3", "--swiglu",
+                       "--normalization", "RMSNorm", "--position-embedding-type", "rope", "--disable-bias-linear"])
     with pytest.raises(ConfigError, match="needs a vocabulary size"):
         cfg.model_config()
     model = cfg.model_config(vocab_size=512)
     assert (model.intermediate_size, model.num_key_value_heads, model.max_position_embeddings) == (256, 6, 128)
     assert model.vocab_size == 512 and model.rope_theta == 10000.0
+    # Megatron's defaults for the flags not given (docs/configuration.md, "Megatron-LM flags")
+    assert model.tie_word_embeddings and (model.attention_dropout, model.hidden_dropout) == (0.1, 0.1)
 
 
 def test_presets_selectable_with_overrides() -> None:
@@ -231,12 +234,14 @@ def test_lr_schedule_reads_its_section() -> None:
     sched = LRSchedule.from_config(cfg.optimization, cfg.train_iters)
     assert (sched.lr, sched.min_lr, sched.warmup_steps, sched.decay_steps) == (3e-4, 3e-5, 10, 100)
     assert sched.lr_at(10) == pytest.approx(3e-4) and sched.lr_at(100) == pytest.approx(3e-5)
-    # --train-samples: steps = samples // global batch, and warmup fraction of it
+    # --train-samples: steps = samples // global batch; the schedule counts samples (Megatron's), the warmup
+    # fraction is of the decay samples, and each update advances it by the global batch size
     samples = load_config(["--model-preset", "tiny", "--seq-length", "64", "--micro-batch-size", "2",
                            "--global-batch-size", "4", "--train-samples", "400", "--lr", "1e-3",
                            "--lr-warmup-fraction", "0.25"])
-    sched = LRSchedule.from_config(samples.optimization, samples.train_iters)
-    assert (sched.decay_steps, sched.warmup_steps) == (100, 25.0)
+    sched = LRSchedule.from_config(samples.optimization, samples.train_iters, samples.global_batch_size)
+    assert samples.train_iters == 100 and sched.step_unit == "samples" and sched.increment == 4
+    assert (sched.decay_steps, sched.warmup_steps) == (400, 100.0)
 
 
 def test_optimizer_reads_its_section() -> None:
@@ -291,7 +296,6 @@ def test_docs_contain_the_generated_flag_table(repo_root: Path) -> None:
     (4, ["--pipeline-model-parallel-size", "2", "--num-layers", "6", "--decoder-first-pipeline-num-layers", "7"],
      r"--num-layers 6 cannot be split into 2 pipeline stages with --decoder-first-pipeline-num-layers 7"),
     (1, ["--decoder-last-pipeline-num-layers", "1"], r"need --pipeline-model-parallel-size > 1"),
-    (1, ["--sequence-parallel"], r"--sequence-parallel needs --tensor-model-parallel-size > 1"),
     (2, ["--pipeline-model-parallel-size", "2", "--num-layers", "6", "--num-layers-per-virtual-pipeline-stage", "2"],
      r"--num-layers 6 / --pipeline-model-parallel-size 2 must be a multiple of --num-layers-per-virtual"),
     (2, ["--pipeline-model-parallel-size", "2", "--num-layers", "8", "--num-layers-per-virtual-pipeline-stage", "2",
@@ -302,6 +306,13 @@ def test_parallel_layout_errors_name_the_constraint(monkeypatch: pytest.MonkeyPa
     monkeypatch.setenv("WORLD_SIZE", str(world))
     with pytest.raises(ConfigError, match=match):
         _load(*argv)
+
+
+def test_sequence_parallel_at_tp1_is_switched_off_with_a_warning(caplog: pytest.LogCaptureFixture) -> None:
+    """Megatron's rule (its Llama script passes --sequence-parallel at TP 1)."""
+    with caplog.at_level("WARNING"):
+        assert not _load("--sequence-parallel").parallel.sequence_parallel
+    assert "--sequence-parallel is disabled: --tensor-model-parallel-size is 1" in caplog.text
 
 
 def test_parallel_layout_derives_data_parallel_size(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -96,8 +96,8 @@ def _assert_same_as_converted(hf_model, folder: Path, tmp_path: Path, vocab: int
     assert logits.shape[-1] == padded
     torch.testing.assert_close(logits, expected, rtol=0, atol=1e-6)
     torch.testing.assert_close(logits[..., :vocab], reference, rtol=0, atol=1e-5)
-    if padded > vocab:  # zero rows: the padded columns' logits are exactly 0
-        assert torch.equal(logits[..., vocab:], torch.zeros_like(logits[..., vocab:]))
+    if padded > vocab:  # padding rows are masked out of the softmax: their logits are -inf
+        assert torch.equal(logits[..., vocab:], torch.full_like(logits[..., vocab:], float("-inf")))
 
 
 def test_llama3_vocabulary_folder_equals_its_converted_checkpoint(llama3_hf, tmp_path):

@@ -1,7 +1,6 @@
 """LRSchedule: Megatron OptimizerParamScheduler parity step by step, hand-computed values, resume, validation."""
 from __future__ import annotations
 
-import argparse
 import json
 import math
 from typing import Any, Dict
@@ -214,3 +213,142 @@ def test_strict_resume_ignores_run_length_unless_weight_decay_ramps() -> None:
     schedule(20, "constant").load_state_dict(saved)  # stopping early and resuming longer is fine
     with pytest.raises(ConfigError, match="--train-iters"):
         schedule(20, "linear").load_state_dict(schedule(10, "linear").state_dict())
+
+
+# ---- sample-based schedules (--train-samples) and --decoupled-lr, against megatron-core -----------------------
+
+def _megatron_from_flags(optimizer: torch.optim.Optimizer, flags: Dict[str, Any], gbs: int) -> Any:
+    """megatron-core's scheduler built the way Megatron's get_optimizer_param_scheduler derives it from flags."""
+    sched_mod = pytest.importorskip("megatron.core.optimizer_param_scheduler")
+    style = "WSD" if flags.get("lr_decay_style", "linear").lower() == "wsd" else flags.get("lr_decay_style", "linear")
+    if flags.get("train_samples") is not None:
+        decay = flags.get("lr_decay_samples") or flags["train_samples"]
+        wd_incr, wsd = flags["train_samples"], flags.get("lr_wsd_decay_samples")
+        warmup = (flags["lr_warmup_fraction"] * decay if flags.get("lr_warmup_fraction") is not None
+                  else flags.get("lr_warmup_samples", 0))
+    else:
+        decay = (flags.get("lr_decay_iters") or flags["train_iters"]) * gbs
+        wd_incr = flags["train_iters"] * gbs
+        wsd = flags["lr_wsd_decay_iters"] * gbs if flags.get("lr_wsd_decay_iters") is not None else None
+        warmup = (flags["lr_warmup_fraction"] * decay if flags.get("lr_warmup_fraction") is not None
+                  else flags.get("lr_warmup_iters", 0) * gbs)
+    wd = flags.get("weight_decay", 0.0)
+    return sched_mod.OptimizerParamScheduler(
+        optimizer, init_lr=flags.get("lr_warmup_init", 0.0), max_lr=flags["lr"], min_lr=flags.get("min_lr", 0.0),
+        lr_warmup_steps=warmup, lr_decay_steps=decay, lr_decay_style=style,
+        start_wd=flags.get("start_weight_decay", wd), end_wd=flags.get("end_weight_decay", wd),
+        wd_incr_steps=wd_incr, wd_incr_style=flags.get("weight_decay_incr_style", "constant"),
+        wsd_decay_steps=wsd, lr_wsd_decay_style=flags.get("lr_wsd_decay_style", "exponential"))
+
+
+SAMPLE_SETTINGS = [
+    (dict(lr=1e-3, min_lr=1e-5, train_samples=400, lr_decay_style="linear", lr_warmup_samples=50), 8, 55),
+    (dict(lr=6e-4, min_lr=6e-5, train_samples=1000, lr_decay_samples=900, lr_decay_style="cosine",
+          lr_warmup_samples=96, lr_warmup_init=1e-5), 16, 70),
+    (dict(lr=6e-4, min_lr=0.0, train_samples=777, lr_decay_style="cosine", lr_warmup_fraction=0.07), 12, 70),
+    (dict(lr=2e-4, min_lr=2e-5, train_samples=640, lr_decay_style="WSD", lr_warmup_samples=40,
+          lr_wsd_decay_samples=200, lr_wsd_decay_style="cosine"), 8, 85),
+    (dict(lr=2e-4, min_lr=1e-6, train_samples=500, lr_decay_style="wsd", lr_warmup_fraction=0.1,
+          lr_wsd_decay_samples=130, lr_wsd_decay_style="minus_sqrt"), 10, 55),
+    (dict(lr=1e-3, min_lr=1e-4, train_samples=300, lr_decay_style="inverse-square-root", lr_warmup_samples=30),
+     6, 55),
+    (dict(lr=1e-3, min_lr=1e-5, train_samples=320, lr_decay_style="cosine", lr_warmup_samples=16,
+          start_weight_decay=0.0, end_weight_decay=0.1, weight_decay_incr_style="linear"), 8, 45),
+    # iteration-based, with Megatron's own iters -> samples conversion
+    (dict(lr=1e-3, min_lr=1e-5, train_iters=40, lr_decay_style="cosine", lr_warmup_fraction=0.13), 8, 45),
+]
+
+
+@pytest.mark.megatron
+@pytest.mark.filterwarnings("ignore::UserWarning")
+@pytest.mark.parametrize("flags,gbs,steps", SAMPLE_SETTINGS,
+                         ids=[f"{kw['lr_decay_style']}-{i}" for i, (kw, _, _) in enumerate(SAMPLE_SETTINGS)])
+def test_sample_based_schedule_matches_megatron(flags: Dict[str, Any], gbs: int, steps: int) -> None:
+    ours = LRSchedule(global_batch_size=gbs, **flags)
+    assert ours.step_unit == ("samples" if "train_samples" in flags else "iterations")
+    ours_opt, ref_opt = _optimizer(2, wd_mult=0.5), _optimizer(2, wd_mult=0.5)
+    ref = _megatron_from_flags(ref_opt, flags, gbs)
+    ours.apply(ours_opt)
+    for step in range(steps + 1):
+        if step:
+            ours.step(ours_opt)  # one optimizer update: the global batch size in samples
+            ref.step(gbs)  # Megatron's training loop: increment = global batch size
+        for mine, theirs in zip(ours_opt.param_groups, ref_opt.param_groups):
+            assert mine["lr"] == pytest.approx(theirs["lr"], rel=1e-12, abs=1e-18), f"update {step}: lr"
+            assert mine["weight_decay"] == pytest.approx(theirs["weight_decay"], rel=1e-12), f"update {step}: wd"
+
+
+@pytest.mark.megatron
+@pytest.mark.filterwarnings("ignore::UserWarning")
+@pytest.mark.parametrize("decoupled_min_lr", [None, 3e-6])
+def test_decoupled_lr_groups_match_megatron(decoupled_min_lr: Any) -> None:
+    from megalign.training.optimizer import param_groups_for
+
+    class Tiny(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.embed_tokens = torch.nn.Embedding(5, 4)
+            self.proj = torch.nn.Linear(4, 4)
+            self.lm_head = torch.nn.Linear(4, 5, bias=False)
+
+    flags = dict(lr=1e-3, min_lr=1e-5, train_samples=480, lr_decay_style="cosine", lr_warmup_samples=48,
+                 weight_decay=0.1)
+    groups = param_groups_for(Tiny(), 0.1, decoupled_lr=5e-3, decoupled_min_lr=decoupled_min_lr)
+    names = [sorted(group["names"]) for group in groups]
+    assert names == [["proj.weight"], ["proj.bias"], ["embed_tokens.weight", "lm_head.weight"]]
+    assert "max_lr" not in groups[0] and groups[2]["max_lr"] == 5e-3
+    assert groups[2].get("min_lr") == decoupled_min_lr
+    ours_opt = torch.optim.AdamW(groups, lr=1e-3)
+    ref_opt = torch.optim.AdamW([{k: (list(v) if k == "params" else v) for k, v in g.items() if k != "names"}
+                                 for g in param_groups_for(Tiny(), 0.1, 5e-3, decoupled_min_lr)], lr=1e-3)
+    ours = LRSchedule(global_batch_size=8, **flags)
+    ref = _megatron_from_flags(ref_opt, flags, 8)
+    ours.apply(ours_opt)
+    for step in range(70):
+        if step:
+            ours.step(ours_opt)
+            ref.step(8)
+        for mine, theirs in zip(ours_opt.param_groups, ref_opt.param_groups):
+            assert mine["lr"] == pytest.approx(theirs["lr"], rel=1e-12, abs=1e-18), f"update {step}"
+    floor = decoupled_min_lr if decoupled_min_lr is not None else 1e-5
+    assert ours_opt.param_groups[2]["lr"] == floor and ours_opt.param_groups[0]["lr"] == 1e-5  # past the decay
+
+
+def test_sample_based_state_resumes_and_refuses_another_unit() -> None:
+    kwargs = dict(lr=1e-3, min_lr=1e-5, train_samples=400, lr_decay_style="cosine", lr_warmup_samples=40)
+    first = LRSchedule(global_batch_size=8, **kwargs)
+    for _ in range(7):
+        first.step()
+    assert first.num_steps == 56 and first.increment == 8
+    state = json.loads(json.dumps(first.state_dict()))
+    resumed = LRSchedule(global_batch_size=8, **kwargs)
+    resumed.load_state_dict(state)
+    assert resumed.current_lr == first.current_lr
+    iteration_based = LRSchedule(1e-3, min_lr=1e-5, train_iters=400, lr_decay_style="cosine", lr_warmup_iters=40)
+    with pytest.raises(ConfigError, match="step unit"):
+        iteration_based.load_state_dict(state)
+    old = iteration_based.state_dict()
+    del old["step_unit"]  # a checkpoint from before sample-based schedules
+    LRSchedule(1e-3, min_lr=1e-5, train_iters=400, lr_decay_style="cosine", lr_warmup_iters=40).load_state_dict(old)
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    (dict(lr=1e-4, train_iters=10, lr_decay_samples=100),
+     "--lr-decay-samples 100 cannot be used with --train-iters .*give --lr-decay-iters"),
+    (dict(lr=1e-4, train_iters=10, lr_warmup_samples=5), "--lr-warmup-samples 5 cannot be used with --train-iters"),
+    (dict(lr=1e-4, train_samples=100, lr_decay_iters=10),
+     "--lr-decay-iters 10 cannot be used with --train-samples .*give --lr-decay-samples"),
+    (dict(lr=1e-4, train_samples=100, lr_warmup_iters=3), "--lr-warmup-iters 3 cannot be used with --train-samples"),
+    (dict(lr=1e-4, train_samples=100, lr_decay_style="WSD", lr_wsd_decay_iters=3),
+     "--lr-wsd-decay-iters 3 cannot be used with --train-samples"),
+    (dict(lr=1e-4, train_iters=10, train_samples=100), "--train-iters and --train-samples"),
+    (dict(lr=1e-4, train_samples=100, lr_warmup_samples=10, lr_warmup_fraction=0.1),
+     "only one of --lr-warmup-fraction 0.1 and --lr-warmup-samples 10"),
+    (dict(lr=1e-4, train_samples=100, lr_warmup_samples=100), "--lr-warmup-samples 100 must be >= 0 and smaller"),
+    (dict(lr=1e-4, train_samples=100, lr_decay_style="WSD"), "needs --lr-wsd-decay-samples"),
+    (dict(lr=1e-4, train_samples=100, lr_warmup_samples=50, lr_decay_style="WSD", lr_wsd_decay_samples=60),
+     "--lr-wsd-decay-samples 60 must be > 0 and at most --lr-decay-samples minus --lr-warmup-samples"),
+])
+def test_sample_flags_are_validated_by_name(kwargs: Dict[str, Any], message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        LRSchedule(**kwargs)

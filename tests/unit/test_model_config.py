@@ -32,6 +32,12 @@ def test_parameter_count_equals_transformers_model(name):
     assert parameter_count(config) == _hf_model_parameter_count(to_hf_config(config))
 
 
+@pytest.mark.parametrize("changes", [dict(kv_channels=24), dict(kv_channels=24, qkv_bias=True)])
+def test_parameter_count_with_kv_channels_equals_transformers_model(changes):
+    config = preset("tiny", **changes)
+    assert parameter_count(config) == _hf_model_parameter_count(to_hf_config(config))
+
+
 @pytest.mark.parametrize("name, count", sorted(PUBLISHED.items()))
 def test_presets_have_published_sizes(name, count):
     assert parameter_count(PRESETS[name]) == count
@@ -133,7 +139,7 @@ def test_from_dict_and_preset_errors():
     (dict(hidden_act="gelu"), "hidden_act"),
     (dict(mlp_bias=True), "mlp_bias"),
     (dict(attention_bias=True), "attention_bias"),
-    (dict(head_dim=32), "head_dim"),
+    (dict(head_dim=31), "head size 31"),  # rotary needs even heads
     (dict(rope_scaling={"rope_type": "yarn", "factor": 4.0}), "rope_type"),
     (dict(rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0}),
      "original_max_position_embeddings"),
@@ -143,6 +149,24 @@ def test_from_hf_config_errors_name_key(changes, field):
     hf = {**to_hf_config(PRESETS["tiny"]), **changes}
     with pytest.raises(ConfigError, match=field):
         from_hf_config(hf)
+
+
+def test_hf_head_dim_and_linear_rope_are_megatron_options():
+    """HF's head_dim other than hidden / heads is --kv-channels; rope_type linear is
+    --rotary-seq-len-interpolation-factor."""
+    hf = {**to_hf_config(PRESETS["tiny"]), "head_dim": 32, "rope_scaling": {"rope_type": "linear", "factor": 2.0}}
+    config = from_hf_config(hf)
+    assert (config.kv_channels, config.head_dim, config.attention_size) == (32, 32, 128)
+    assert config.rotary_interpolation_factor == 2.0 and config.rope_scaling is None
+    assert to_hf_config(config)["head_dim"] == 32 and to_hf_config(config)["rope_scaling"]["rope_type"] == "linear"
+    assert from_hf_config({**to_hf_config(PRESETS["tiny"]), "head_dim": 16}).kv_channels is None  # = 64 / 4
+    both = preset("tiny", rotary_interpolation_factor=2.0, rope_scaling=RopeScaling())
+    with pytest.raises(ConfigError, match="--use-rope-scaling and --rotary-seq-len-interpolation-factor"):
+        to_hf_config(both)
+    with pytest.raises(ConfigError, match="attention_dropout=1.0 must be a probability"):
+        preset("tiny", attention_dropout=1.0)
+    with pytest.raises(ConfigError, match="kv_channels=0"):
+        preset("tiny", kv_channels=0)
 
 
 def test_from_hf_config_missing_keys_and_qwen_sliding_window():

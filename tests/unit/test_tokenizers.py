@@ -315,3 +315,103 @@ def test_megatron_core_gives_the_same_ids(tmp_path: Path, sentencepiece_model: P
     core, ours = CoreTik(str(vocab), vocab_size=1000 + len(lines)), build_tokenizer("TikTokenizer", str(vocab))
     assert [core.text_to_ids(text) for text in TEXTS] == ours.encode_batch(TEXTS)
     assert (core.eod, core.bos_id, core.pad_id) == (ours.eod, ours.bos, ours.pad)
+
+
+# ---- GPT2BPETokenizer (Megatron's --tokenizer-type GPT2BPETokenizer --vocab-file --merge-file) -------------------
+
+_GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+
+
+def _bytes_to_unicode() -> dict:
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(
+        range(ord("®"), ord("ÿ") + 1))
+    codes, extra = printable[:], 0
+    for byte in range(256):
+        if byte not in printable:
+            printable.append(byte)
+            codes.append(256 + extra)
+            extra += 1
+    return dict(zip(printable, map(chr, codes)))
+
+
+def _reference_gpt2_encode(text: str, vocab: dict, merges: list) -> list:
+    """OpenAI's original GPT-2 encoder algorithm (regex split, byte-to-unicode map, lowest-rank merges first)."""
+    import regex
+
+    ranks = {pair: rank for rank, pair in enumerate(merges)}
+    byte_map = _bytes_to_unicode()
+    ids = []
+    for piece in regex.findall(_GPT2_PATTERN, text):
+        word = [byte_map[b] for b in piece.encode("utf-8")]
+        while len(word) > 1:
+            pairs = [(ranks.get((a, b), float("inf")), i) for i, (a, b) in enumerate(zip(word, word[1:]))]
+            rank, i = min(pairs)
+            if rank == float("inf"):
+                break
+            word = word[:i] + [word[i] + word[i + 1]] + word[i + 2:]
+        ids += [vocab[token] for token in word]
+    return ids
+
+
+@pytest.fixture(scope="module")
+def gpt2_files(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny GPT-2 vocab.json + merges.txt, trained at test time with the tokenizers library."""
+    from tokenizers import ByteLevelBPETokenizer
+
+    folder = tmp_path_factory.mktemp("gpt2")
+    trainer = ByteLevelBPETokenizer()
+    trainer.train_from_iterator(TEXTS * 5, vocab_size=500, min_frequency=1, special_tokens=["<|endoftext|>"])
+    trainer.save_model(str(folder))
+    return folder
+
+
+def _gpt2(folder: Path) -> Tokenizer:
+    return build_tokenizer("GPT2BPETokenizer", vocab_file=str(folder / "vocab.json"),
+                           merge_file=str(folder / "merges.txt"))
+
+
+def test_gpt2_bpe_matches_the_reference_algorithm(gpt2_files: Path) -> None:
+    tokenizer = _gpt2(gpt2_files)
+    vocab = json.loads((gpt2_files / "vocab.json").read_text(encoding="utf-8"))
+    lines = (gpt2_files / "merges.txt").read_text(encoding="utf-8").splitlines()
+    merges = [tuple(line.split(" ")) for line in lines if line and not line.startswith("#version")]
+    for text in TEXTS + ["unseen words: zebra quixotic 987654 ؟!", "it's they'll we've"]:
+        ids = tokenizer.encode(text)
+        assert ids == _reference_gpt2_encode(text, vocab, merges), text
+        assert tokenizer.decode(ids) == text
+    assert tokenizer.encode_batch(TEXTS) == [tokenizer.encode(text) for text in TEXTS]
+
+
+def test_gpt2_bpe_end_of_text_and_sizes(gpt2_files: Path) -> None:
+    tokenizer = _gpt2(gpt2_files)
+    vocab = json.loads((gpt2_files / "vocab.json").read_text(encoding="utf-8"))
+    assert tokenizer.eod == tokenizer.eos == vocab["<|endoftext|>"]
+    assert tokenizer.vocab_size == max(vocab.values()) + 1
+    assert tokenizer.encode("a<|endoftext|>b").count(tokenizer.eod) == 1  # one special id, as HF's GPT-2
+    again = pickle.loads(pickle.dumps(tokenizer))  # a worker rebuilds it from the two paths
+    assert again.encode(TEXTS[1]) == tokenizer.encode(TEXTS[1]) and again.describe() == tokenizer.describe()
+    # preprocess can name the folder that holds both files
+    folder = build_tokenizer("GPT2BPETokenizer", str(gpt2_files))
+    assert folder.encode(TEXTS[0]) == tokenizer.encode(TEXTS[0])
+
+
+def test_gpt2_bpe_bad_files(tmp_path: Path, gpt2_files: Path) -> None:
+    vocab, merges = gpt2_files / "vocab.json", gpt2_files / "merges.txt"
+    with pytest.raises(TokenizerError, match="needs --vocab-file"):
+        build_tokenizer("GPT2BPETokenizer", vocab_file=str(vocab))
+    bad_merges = tmp_path / "bad_merges.txt"
+    bad_merges.write_text("#version: 0.2\nab\n", encoding="utf-8")
+    with pytest.raises(TokenizerError, match=r"bad_merges.txt:2: expected two pieces"):
+        build_tokenizer("GPT2BPETokenizer", vocab_file=str(vocab), merge_file=str(bad_merges))
+    foreign = tmp_path / "foreign_merges.txt"
+    foreign.write_text("#version: 0.2\nqq zz\n", encoding="utf-8")
+    with pytest.raises(TokenizerError, match="lacks"):
+        build_tokenizer("GPT2BPETokenizer", vocab_file=str(vocab), merge_file=str(foreign))
+    no_eot = tmp_path / "vocab.json"
+    data = json.loads(vocab.read_text(encoding="utf-8"))
+    del data["<|endoftext|>"]
+    no_eot.write_text(json.dumps(data), encoding="utf-8")
+    with pytest.raises(TokenizerError, match="no <\\|endoftext\\|> token"):
+        build_tokenizer("GPT2BPETokenizer", vocab_file=str(no_eot), merge_file=str(merges))
+    with pytest.raises(TokenizerError, match="are for GPT2BPETokenizer"):
+        build_tokenizer("NullTokenizer", vocab_size=8, vocab_file=str(vocab))

@@ -25,7 +25,8 @@ def _argv(prefix: str, model: Path, cache: Path, *extra: str) -> List[str]:
 def test_tiny_preset_learns_the_sample(data_prefix: str, sentencepiece_model: Path, tmp_path: Path) -> None:
     config = load_config(_argv(data_prefix, sentencepiece_model, tmp_path / "cache", "--train-iters", "300",
                                "--lr", "5e-3", "--lr-warmup-iters", "20", "--lr-decay-style", "cosine",
-                               "--log-interval", "100", "--eval-interval", "150", "--eval-iters", "4"))
+                               "--log-interval", "100", "--eval-interval", "150", "--eval-iters", "4",
+                               "--log-throughput"))
     log = io.StringIO()
     trainer = Trainer(config, stream=log)
     try:

@@ -29,7 +29,8 @@ def test_tensorboard_scalars_and_mfu(data_prefix: str, sentencepiece_model: Path
     log = io.StringIO()
     result = train(load_config(_argv(data_prefix, sentencepiece_model, tmp_path / "cache", "--train-iters", "4",
                                      "--eval-interval", "2", "--eval-iters", "1", "--log-interval", "2",
-                                     "--tensorboard-dir", str(tmp_path / "tb"), "--peak-tflops", "0.5")), stream=log)
+                                     "--tensorboard-dir", str(tmp_path / "tb"), "--peak-tflops", "0.5",
+                                     "--log-throughput")), stream=log)
     files = list((tmp_path / "tb").glob("events.out.tfevents.*"))
     assert len(files) == 1
     acc = event_accumulator.EventAccumulator(str(files[0]), size_guidance={event_accumulator.SCALARS: 0})
@@ -119,7 +120,8 @@ def test_data_outside_the_vocabulary_is_refused(data_prefix: str, tmp_path: Path
     argv = ["--model-preset", "tiny", "--seq-length", "32", "--micro-batch-size", "2", "--data-path", data_prefix,
             "--tokenizer-type", "NullTokenizer", "--vocab-size", "100", "--data-cache-path", str(tmp_path / "c"),
             "--split", "90,10,0", "--lr", "1e-3", "--train-iters", "2", "--eval-iters", "0"]
-    with pytest.raises(DataFormatError, match=r"token id \d+ is outside the model's vocabulary of 128"):
+    # 101 = 100 tokens + eod; the rows padded up to 128 are padding, which no data may hold
+    with pytest.raises(DataFormatError, match=r"token id \d+ is outside the model's vocabulary of 101"):
         train(load_config(argv), stream=io.StringIO())
 
 
