@@ -5,7 +5,8 @@ data and logging groups), with the sizes shrunk so that a CPU runs it: 2 layers 
 Llama-3's 128,256-token vocabulary on ``--mock-data``. The fp8 group is refused with an error naming the flag
 (fp8 is not built). The run goes at TP 4 on 4 processes, so the vocabulary is padded to 128,512 rows. Megatron's
 ``--save X --load X`` idiom starts it from scratch. Then the checkpoint resumes in one process with
-``--use-checkpoint-args`` and no shape flags, with 128,384 rows at TP 1.
+``--use-checkpoint-args`` and no shape flags, with 128,384 rows at TP 1 (in fp32: the bf16 weights load into an
+fp32 model).
 """
 
 from __future__ import annotations
@@ -74,10 +75,11 @@ def megatron_dropin(workdir: Path, run: Runner, torchrun: TorchRunner) -> None:
         "--use-checkpoint-args", "--seq-length", "64", "--micro-batch-size", "2", "--global-batch-size", "8",
         "--train-samples", "64", "--lr-decay-samples", "60", "--lr-warmup-samples", "16", "--lr", "0.00015",
         "--min-lr", "0.00001", "--decoupled-lr", "5.0e-4", "--decoupled-min-lr", "4.5e-5", "--lr-decay-style",
-        "cosine", "--clip-grad", "1.0", "--weight-decay", "0.1", "--adam-beta2", "0.95", "--bf16",
+        "cosine", "--clip-grad", "1.0", "--weight-decay", "0.1", "--adam-beta2", "0.95",
         "--calculate-per-token-loss", "--mock-data", "--tokenizer-type", "NullTokenizer",
         "--vocab-size", "128256", "--split", "99,1,0", "--log-interval", "1", "--eval-iters", "1",
         "--eval-interval", "8", "--data-cache-path", str(workdir / "megatron_cache"), "--save", str(save),
         "--load", str(save),
     ]  # fmt: skip
+    print("resuming in one process in fp32 (this CPU runs bf16 matmuls about 50x slower than fp32)")
     run("train", resume)
