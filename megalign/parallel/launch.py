@@ -55,6 +55,10 @@ def setup_parallel(parallel: ParallelSection) -> Tuple[torch.device, ParallelSta
     state = initialize_parallel(
         parallel.tensor_model_parallel_size, parallel.pipeline_model_parallel_size, parallel.sequence_parallel
     )
+    if state.pipeline_group is not None:
+        # The first batch_isend_irecv on a group must involve all of its ranks under NCCL unless the group has
+        # already run a collective; the pipeline's first batches involve only neighbours, so run one here.
+        dist.barrier(group=state.pipeline_group)
     return device, state
 
 

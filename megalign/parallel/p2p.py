@@ -23,8 +23,9 @@ complete. Each rank replays its rounds: launch the round's batch, wait for all o
 action. In 1F1B's steady phase this yields Megatron's ``send_forward_recv_backward`` /
 ``send_backward_recv_forward`` exchanges.
 
-With NCCL, the first batch on a pipeline group must involve all of its ranks; every rank of a pipeline
-(size > 1) sends or receives in its first batch, so it does.
+With NCCL, the first ``batch_isend_irecv`` on a group must involve all of its ranks unless the group has
+already run a collective. The first batches here involve only neighbours, so
+:func:`megalign.parallel.launch.setup_parallel` runs a barrier on the pipeline group first.
 """
 
 from __future__ import annotations
