@@ -345,8 +345,8 @@ class ParallelSection:
     overlap_grad_reduce: bool = setting(False, "Reduce gradient buckets during the backward pass.")
     overlap_param_gather: bool = setting(
         False,
-        "Distributed optimizer: all-gather the updated parameters (needs --use-distributed-optimizer and "
-        "--overlap-grad-reduce). megalign gathers after the step, without overlapping the next forward.",
+        "Distributed optimizer: overlap the all-gather of the updated parameters with the next forward pass "
+        "(needs --use-distributed-optimizer and --overlap-grad-reduce; not with --torch-compile).",
     )
     grad_reduce_in_bf16: bool = setting(
         False, "Keep the gradient buffers in bfloat16 and reduce them over data parallelism in bfloat16."

@@ -489,6 +489,11 @@ class TrainingConfig:
             raise ConfigError(
                 "--overlap-param-gather needs --use-distributed-optimizer and --overlap-grad-reduce (as in Megatron)"
             )
+        if p.overlap_param_gather and self.misc.torch_compile:
+            raise ConfigError(
+                "--overlap-param-gather cannot be combined with --torch-compile (its forward pre-hooks wait for "
+                "communication, which compiled layers would trace); drop one of them"
+            )
         if log.profile:
             if log.profile_step_end <= log.profile_step_start:
                 raise ConfigError(

@@ -37,7 +37,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-__all__ = ["Bucket", "DataParallelGrads", "GradBuffer", "ParamSlot", "default_bucket_size"]
+__all__ = ["Bucket", "DataParallelGrads", "GradBuffer", "ParamSlot", "PendingParamGather", "default_bucket_size"]
 
 # torch >= 2.13 renamed the tensor collectives; older versions only have the *_tensor names.
 _reduce_scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
@@ -135,6 +135,25 @@ class GradBuffer:
         bucket.end = offset
         self.buckets.append(bucket)
         return offset
+
+
+@dataclass
+class PendingParamGather:
+    """One bucket's parameter all-gather in flight: :meth:`finish` waits for it and writes the parameters."""
+
+    bucket: Bucket
+    flat: torch.Tensor
+    handle: Optional[Any]
+
+    def finish(self) -> None:
+        """Wait for the gather (once) and copy the bucket's full values into its parameters."""
+        if self.handle is not None:
+            self.handle.wait()
+        self.handle = None
+        with torch.no_grad():
+            for slot in self.bucket.slots:
+                values = self.flat[slot.start - self.bucket.start : slot.end - self.bucket.start]
+                slot.param.detach().view(-1).copy_(values)
 
 
 class DataParallelGrads:
@@ -273,6 +292,25 @@ class DataParallelGrads:
         a, b = max(slot.start, begin), min(slot.end, end)
         return (a - slot.start, b - slot.start) if a < b else None
 
+    def _gathered_bucket(
+        self, bucket: Bucket, local: Dict[int, torch.Tensor], dtype: Optional[torch.dtype], async_op: bool
+    ) -> Tuple[torch.Tensor, Optional[Any]]:
+        """``bucket``'s flat values with this rank's shard filled in from ``local``, and the all-gather of the
+        other shards into it (waited for unless ``async_op``; then its handle, None without data parallelism)."""
+        flat = torch.zeros(
+            bucket.end - bucket.start, dtype=dtype or bucket.buffer.param_dtype, device=bucket.buffer.data.device
+        )
+        for slot in bucket.slots:
+            part = self.local_range(slot.param)
+            if part is not None and id(slot.param) in local:
+                a, b = part
+                flat[slot.start - bucket.start + a : slot.start - bucket.start + b].copy_(local[id(slot.param)])
+        if self.dp_size == 1:
+            return flat, None
+        begin = bucket.shard_size * self.dp_rank
+        handle = _all_gather(flat, flat[begin : begin + bucket.shard_size], group=self.group, async_op=async_op)
+        return flat, handle if async_op else None
+
     def all_gather(
         self, local: Dict[int, torch.Tensor], dtype: Optional[torch.dtype] = None
     ) -> Iterator[Tuple[ParamSlot, torch.Tensor]]:
@@ -284,19 +322,18 @@ class DataParallelGrads:
         buffer that the next bucket reuses, so copy it before advancing.
         """
         for bucket in self._order:
-            flat = torch.zeros(
-                bucket.end - bucket.start, dtype=dtype or bucket.buffer.param_dtype, device=bucket.buffer.data.device
-            )
-            for slot in bucket.slots:
-                part = self.local_range(slot.param)
-                if part is not None and id(slot.param) in local:
-                    a, b = part
-                    flat[slot.start - bucket.start + a : slot.start - bucket.start + b].copy_(local[id(slot.param)])
-            if self.dp_size > 1:
-                begin = bucket.shard_size * self.dp_rank
-                _all_gather(flat, flat[begin : begin + bucket.shard_size], group=self.group)  # in place
+            flat, _ = self._gathered_bucket(bucket, local, dtype, async_op=False)
             for slot in bucket.slots:
                 yield slot, flat[slot.start - bucket.start : slot.end - bucket.start]
+
+    def start_param_gather(self, local: Dict[int, torch.Tensor]) -> List["PendingParamGather"]:
+        """Launch the all-gather of every bucket's updated parameters without waiting (--overlap-param-gather),
+        in forward order: the buckets holding the first layers (reduced last in the backward pass) first."""
+        pending = []
+        for bucket in reversed(self._order):
+            flat, handle = self._gathered_bucket(bucket, local, None, async_op=True)
+            pending.append(PendingParamGather(bucket, flat, handle))
+        return pending
 
     def close(self) -> None:
         """Remove the hooks and the ``main_grad`` attributes."""

@@ -74,6 +74,7 @@ class CheckpointIO:
         save_dir, keep_last = self.settings.save, self.settings.keep_last
         if save_dir is None:
             raise ConfigError("saving a checkpoint needs --save (where checkpoints go)")
+        optimizer.finish_param_gather()  # the parameters must be complete before they are read
         model_state = self.model.model_state()
         names = self.model.global_names()
         metadata: Dict[str, Any] = dict(

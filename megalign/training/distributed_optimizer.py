@@ -9,7 +9,9 @@ the parameter elements in its slices. A step:
 2. unscale and check the shard; the NaN/Inf flag and the squared norm are reduced over the DP group and the
    model-parallel groups, so every rank skips, or clips by the same global norm;
 3. AdamW (torch's fused kernel) over the shard: the per-element math of the unsharded optimizer;
-4. all-gather the updated shards into the model parameters (cast to the model dtype, bucket by bucket).
+4. all-gather the updated shards into the model parameters (cast to the model dtype, bucket by bucket); with
+   --overlap-param-gather the gathers stay in flight and each bucket's is waited for by a forward pre-hook of
+   the first module that uses one of its parameters, so they overlap the next forward pass.
 
 For an fp32 model the shard's master *is* a view into the parameter (no copy). Per rank, the fp32 optimizer
 state is about ``1/DP`` of :class:`~megalign.training.optimizer.MixedPrecisionOptimizer`'s (plus at most
@@ -29,7 +31,7 @@ shards. :func:`build_optimizer` picks the optimizer from the flags.
 
 from __future__ import annotations
 
-from typing import Any, Dict, List, Mapping, Optional, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Tuple, cast
 
 import torch
 import torch.distributed as dist
@@ -52,6 +54,31 @@ class DistributedOptimizer(MixedPrecisionOptimizer):
 
     SHARDED = True
 
+    def enable_param_gather_overlap(self, model: nn.Module) -> None:
+        """--overlap-param-gather: after a step, each bucket's parameter all-gather stays in flight until the next
+        forward pass reaches a module owning one of its parameters (a forward pre-hook waits for it there), so
+        the gathers of later layers overlap the forward of earlier ones, as in Megatron."""
+        bucket_of = {id(slot.param): id(slot.bucket) for slot in (self.grads.slot(p) for _, p in self.named_params)}
+        for module in model.modules():
+            buckets = {bucket_of[id(p)] for p in module.parameters(recurse=False) if id(p) in bucket_of}
+            if buckets:
+                self._gather_hooks.append(
+                    module.register_forward_pre_hook(lambda _module, _args, ids=frozenset(buckets): self._wait(ids))
+                )
+        self.overlap_param_gather = True
+
+    def _wait(self, bucket_ids: Any) -> None:
+        """Finish the in-flight parameter gathers of ``bucket_ids`` (all of them for None)."""
+        for key in list(self._pending_gathers) if bucket_ids is None else bucket_ids:
+            gather = self._pending_gathers.pop(key, None)
+            if gather is not None:
+                gather.finish()
+
+    def finish_param_gather(self) -> None:
+        """Wait for every parameter all-gather still in flight (before reading the parameters outside a forward
+        pass: a checkpoint save, the next step)."""
+        self._wait(None)
+
     def _make_pair(self, name: str, param: nn.Parameter) -> Optional[ParamPair]:
         """This rank's slice of ``param`` (None when its elements all belong to other ranks)."""
         part = self.grads.local_range(param)
@@ -62,8 +89,13 @@ class DistributedOptimizer(MixedPrecisionOptimizer):
         return ParamPair(name, param, master, part)
 
     def _publish_params(self) -> None:
-        """All-gather every rank's updated shard into the model parameters."""
+        """All-gather every rank's updated shard into the model parameters (left in flight with
+        :meth:`enable_param_gather_overlap`)."""
         local = {id(pair.model_param): pair.master_param for pair in self.pairs}
+        if self.overlap_param_gather:
+            self.finish_param_gather()
+            self._pending_gathers = {id(g.bucket): g for g in self.grads.start_param_gather(local)}
+            return
         for slot, flat in self.grads.all_gather(local):
             slot.param.detach().view(-1).copy_(flat)
 
@@ -159,7 +191,12 @@ class DistributedOptimizer(MixedPrecisionOptimizer):
 def build_optimizer(
     model: nn.Module, optimization: OptimizationSection, parallel: ParallelSection, state: Any = None
 ) -> MixedPrecisionOptimizer:
-    """The run's optimizer: :class:`DistributedOptimizer` with --use-distributed-optimizer, else
+    """The run's optimizer: :class:`DistributedOptimizer` with --use-distributed-optimizer (overlapping its
+    parameter all-gather with the forward pass with --overlap-param-gather), else
     :class:`MixedPrecisionOptimizer` (``state``: the ParallelState, None for one process)."""
-    cls = DistributedOptimizer if parallel.use_distributed_optimizer else MixedPrecisionOptimizer
-    return cls.from_config(model, optimization, parallel, state)
+    if not parallel.use_distributed_optimizer:
+        return MixedPrecisionOptimizer.from_config(model, optimization, parallel, state)
+    optimizer = cast(DistributedOptimizer, DistributedOptimizer.from_config(model, optimization, parallel, state))
+    if parallel.overlap_param_gather:
+        optimizer.enable_param_gather_overlap(model)
+    return optimizer

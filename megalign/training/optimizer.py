@@ -225,6 +225,9 @@ class MixedPrecisionOptimizer:
             self._group_sizes.append(len(params))
         if not self.named_params:
             raise ConfigError("the model has no trainable parameters to optimize")
+        self.overlap_param_gather = False  # the distributed optimizer's --overlap-param-gather
+        self._pending_gathers: Dict[int, Any] = {}
+        self._gather_hooks: List[Any] = []
         self.grads = DataParallelGrads(
             self.named_params,
             group=data_parallel_group,
@@ -331,6 +334,7 @@ class MixedPrecisionOptimizer:
 
         Without a scaler the gradients are only checked for NaN/Inf.
         """
+        self.finish_param_gather()
         self.grads.finish_grad_sync()
         grads = self.main_grads()
         for pair, grad in zip(self.pairs, grads):
@@ -359,6 +363,9 @@ class MixedPrecisionOptimizer:
                 pair.master_param.grad = None
             self._publish_params()
         return StepResult(skipped=False, grad_norm=float(total_norm.item()), num_zeros=num_zeros)
+
+    def finish_param_gather(self) -> None:
+        """Nothing is in flight here (see :class:`~megalign.training.distributed_optimizer.DistributedOptimizer`)."""
 
     def _publish_params(self) -> None:
         """Write the updated masters into the model parameters (cast to the model dtype)."""
@@ -406,7 +413,11 @@ class MixedPrecisionOptimizer:
         return int(self._reduce(count, dist.ReduceOp.SUM).item()) if self._norm_groups else int(count.item())
 
     def close(self) -> None:
-        """Remove the gradient hooks and ``main_grad`` buffers from the model parameters."""
+        """Finish in-flight parameter gathers; remove the hooks and ``main_grad`` buffers from the parameters."""
+        self.finish_param_gather()
+        for hook in getattr(self, "_gather_hooks", []):
+            hook.remove()
+        self._gather_hooks = []
         grads = getattr(self, "grads", None)
         if grads is not None:
             grads.close()

@@ -127,6 +127,50 @@ def test_overlap_param_gather_trains_as_without(
         assert a == b
 
 
+def _in_flight_rank(rank: int, world: int, argv: List[str]) -> Dict[str, Any]:
+    """One step with --overlap-param-gather: what is in flight after it, and after the next forward pass."""
+    from megalign.training import batches
+
+    trainer = Trainer(load_config(argv), stream=io.StringIO())
+    try:
+        optimizer = trainer.optimizer
+        stream = trainer._micro_batches(trainer.train_data, 0)
+        trainer.train_step(batches.take(stream, trainer.num_microbatches, "training"))  # warm-up: learning rate 0
+        optimizer.finish_param_gather()
+        before = {name: param.detach().clone() for name, param in trainer.model.named_parameters()}
+        micro = batches.take(stream, trainer.num_microbatches, "training")
+        trainer.train_step(micro)
+        pending = len(optimizer._pending_gathers)
+        # fp32 masters are views of this rank's shard, which the step updates in place; the rest waits
+        mid = {name: param.detach().clone() for name, param in trainer.model.named_parameters()}
+        changed = any(not torch.equal(before[n], mid[n]) for n in mid)
+        with torch.no_grad():  # the forward's pre-hooks wait for each bucket's gather as its modules run
+            trainer.model.chunks[0](**batches.model_inputs(micro[0], torch.device("cpu")))
+        after = {name: param.detach().clone() for name, param in trainer.model.named_parameters()}
+        return {"pending": pending, "buckets": len(optimizer.grads.buckets), "changed": changed, "mid": mid,
+                "left": len(optimizer._pending_gathers), "after": after}
+    finally:
+        trainer.close()
+
+
+def test_overlap_param_gather_leaves_gathers_in_flight_until_the_forward(
+    distributed, data_prefix: str, sentencepiece_model: Path, tmp_path: Path
+) -> None:
+    """After the step every bucket's all-gather is in flight and no parameter has its new value yet; the next
+    forward pass finishes them all, giving the parameters of the run without overlap."""
+    argv = _argv(data_prefix, sentencepiece_model, tmp_path / "cache", "--use-distributed-optimizer",
+                 "--overlap-grad-reduce", "--ddp-bucket-size", "20000")
+    overlapped = distributed(_in_flight_rank, 2, argv + ["--overlap-param-gather"])
+    plain = distributed(_in_flight_rank, 2, argv)
+    for ours, reference in zip(overlapped, plain):
+        assert ours["buckets"] > 1 and ours["pending"] == ours["buckets"] and ours["left"] == 0
+        assert reference["pending"] == 0 and reference["changed"]
+        # right after the step the other rank's updates have not arrived; after the forward they have
+        assert any(not torch.equal(ours["mid"][name], value) for name, value in reference["mid"].items())
+        for name, value in reference["after"].items():
+            torch.testing.assert_close(ours["after"][name], value, rtol=0, atol=0)
+
+
 def _exit_rank(rank: int, world: int, argv: List[str]) -> Dict[str, Any]:
     trainer = Trainer(load_config(argv), stream=io.StringIO())
     now = [0.0]
