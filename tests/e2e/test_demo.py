@@ -25,6 +25,11 @@ def test_demo_runs_end_to_end(tmp_path: Path, repo_root: Path) -> None:
                  "10. Quality report", "| urls |",
                  "11. Export the TP 2 x PP 2 checkpoint", "transformers LlamaForCausalLM: loss",
                  "megalign --hf-dir hf_export: largest logit difference",
+                 "12. Megatron-LM's own Llama-3 launch flags", "refused at start: --fp8-format hybrid",
+                 "megatron_checkpoints: no checkpoint there yet; training starts from scratch",
+                 "vocabulary of 128257 padded to 128512 rows", "layout TP 4, PP 1, DP 1, sequence parallel",
+                 "the checkpoint's vocabulary of 128257 padded to 128384 rows", "resumed at step 6 (48 samples consumed)",
+                 "training finished at step 8 (64 samples)",
                  "demo finished"):
         assert step in out
     assert (workdir / "tokenizer" / "tokenizer.model").is_file()
