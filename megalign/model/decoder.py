@@ -342,8 +342,8 @@ class GPTModel(nn.Module):
         start = self.context.tensor_model_parallel_rank * local
         if real is None or real >= start + local:
             return logits
-        padding = torch.arange(start, start + local, device=logits.device) >= real
-        return logits.masked_fill(padding, float("-inf"))
+        logits[..., max(real - start, 0) :] = float("-inf")  # in place: the padding columns are this slice's tail
+        return logits
 
     def decoder_layer(self, index: int) -> DecoderLayer:
         """The decoder layer of global number ``index`` (one of ``stage.layers``)."""

@@ -92,8 +92,7 @@ class DistributedOptimizer(MixedPrecisionOptimizer):
         """All-gather every rank's updated shard into the model parameters (left in flight with
         :meth:`enable_param_gather_overlap`)."""
         local = {id(pair.model_param): pair.master_param for pair in self.pairs}
-        if self.overlap_param_gather:
-            self.finish_param_gather()
+        if self.overlap_param_gather:  # step() has finished the previous gathers
             self._pending_gathers = {id(g.bucket): g for g in self.grads.start_param_gather(local)}
             return
         for slot, flat in self.grads.all_gather(local):
